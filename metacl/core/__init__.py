@@ -1,0 +1,1 @@
+"""Run plumbing shared by every experiment: config, run directory, seeding, device, progress."""

@@ -1,0 +1,1 @@
+"""Sequential-mastery benchmark (Davidson & Mozer, CVPR 2020)."""

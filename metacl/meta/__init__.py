@@ -1,0 +1,1 @@
+"""Continual meta-learning: ANML, OML and friends."""

@@ -1,0 +1,1 @@
+"""Meta-learning datasets: Omniglot and generic class-per-folder images."""

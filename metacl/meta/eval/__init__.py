@@ -1,0 +1,1 @@
+"""The sequential meta-test protocol, batched LR sweeps and reports."""

@@ -1,0 +1,1 @@
+"""Meta-training algorithms (meta, sequential_episodic, iid)."""

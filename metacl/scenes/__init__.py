@@ -1,0 +1,1 @@
+"""The compositional-scenes dataset (CLEVR-like) of the sequential-mastery benchmark."""

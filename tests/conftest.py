@@ -1,0 +1,21 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+OMNIGLOT_DIR = ROOT.parent / "shared" / "data" / "omniglot"
+sys.path.insert(0, str(ROOT))  # makes `tests.toy_experiment` importable in tests and subprocesses
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def omniglot_dir() -> Path:
+    """The real Omniglot zips (../shared/data/omniglot); the test skips when they are absent."""
+    if not (OMNIGLOT_DIR / "images_background.zip").exists():
+        pytest.skip(f"real Omniglot not found at {OMNIGLOT_DIR}")
+    return OMNIGLOT_DIR
