@@ -1,0 +1,145 @@
+"""Faults: SIGTERM/SIGINT checkpoint and exit cleanly; after `kill -9` mid-run, resuming (or
+re-launching the sweep) ends exactly where an uninterrupted run ends.
+
+`assert_kill_and_resume_matches` is generic over (experiment, config file, overrides): add a
+case to FAULT_CASES for each experiment (kept tiny: the suite has a time budget).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from metacl.cli import main
+from metacl.core.config import to_yaml
+from metacl.core.experiment import execute, load_experiment_config
+
+TOY = "tests.toy_experiment"
+SLOW_TOY = ["walk.steps=40", "walk.step_seconds=0.05", "walk.checkpoint_every=5"]
+
+FAULT_CASES = [
+    pytest.param(TOY, None, SLOW_TOY, id="toy"),
+]
+
+
+def start_worker(config_file: Path, log: Path) -> subprocess.Popen:
+    with open(log, "w") as handle:
+        return subprocess.Popen([sys.executable, "-m", "metacl.launch.worker", str(config_file)],
+                                stdout=handle, stderr=subprocess.STDOUT)
+
+
+def wait_until(condition, timeout_s: float = 120, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def status(run_dir: Path) -> dict:
+    return json.loads((run_dir / "status.json").read_text())
+
+
+def tables(run_dir: Path) -> dict[str, pd.DataFrame]:
+    return {p.stem: pd.read_parquet(p) for p in sorted(run_dir.glob("*.parquet"))}
+
+
+def assert_same_tables(resumed: Path, reference: Path) -> None:
+    expected = tables(reference)
+    got = tables(resumed)
+    assert got.keys() == expected.keys()
+    for name, frame in expected.items():
+        pd.testing.assert_frame_equal(got[name], frame, check_exact=True, obj=name)
+
+
+def assert_kill_and_resume_matches(tmp_path: Path, experiment: str, config_file: str | None,
+                                   overrides: list[str], kills=(signal.SIGKILL,)) -> None:
+    """Run once uninterrupted; run again in worker processes (one per signal in `kills`, side
+    by side), stop each with its signal after its first checkpoint, resume it: every resumed
+    run must end with the reference's final metrics and tables."""
+    def config(where: str):
+        return load_experiment_config(config_file, [*overrides, f"out_dir={tmp_path / where}",
+                                                    "device=cpu", "quiet=true", "name=run"],
+                                      experiment)
+
+    ref_dir, reference = execute(config("reference"))
+    stopped = {}
+    for kill in kills:
+        name = signal.Signals(kill).name
+        stopped[kill] = config(name)
+        (tmp_path / f"{name}.yaml").write_text(to_yaml(stopped[kill]))
+    workers = {kill: start_worker(tmp_path / f"{signal.Signals(kill).name}.yaml",
+                                  tmp_path / f"{signal.Signals(kill).name}.log") for kill in kills}
+    run_dirs = {kill: Path(c.out_dir) / c.name for kill, c in stopped.items()}
+    try:
+        waiting = set(kills)
+        deadline = time.monotonic() + 180
+        while waiting:
+            for kill in list(waiting):
+                if (run_dirs[kill] / "checkpoints" / "last.pt").exists():
+                    assert status(run_dirs[kill])["status"] == "running", "ended before the stop"
+                    workers[kill].send_signal(kill)
+                    waiting.discard(kill)
+                else:
+                    assert workers[kill].poll() is None, f"worker exited early: {workers[kill].args}"
+            assert time.monotonic() < deadline, "timed out waiting for the first checkpoints"
+            time.sleep(0.02)
+        codes = {kill: worker.wait(timeout=120) for kill, worker in workers.items()}
+    finally:
+        for worker in workers.values():
+            worker.kill()
+    for kill, run_dir in run_dirs.items():
+        name, after = signal.Signals(kill).name, status(run_dir)
+        if kill == signal.SIGKILL:
+            assert codes[kill] == -signal.SIGKILL and after["status"] == "running"  # no chance to record
+        else:
+            assert codes[kill] == 130, (tmp_path / f"{name}.log").read_text()
+            assert after["status"] == "interrupted" and "resume with --resume" in after["error"]
+            assert f"received {name}" in (run_dir / "log.txt").read_text()
+        _, final = execute(stopped[kill], "resume")
+        assert final == reference, name
+        assert "resumed from" in (run_dir / "log.txt").read_text()
+        assert_same_tables(run_dir, ref_dir)
+
+
+@pytest.mark.parametrize("experiment, config_file, overrides", FAULT_CASES)
+def test_kill_9_then_resume_matches_uninterrupted(tmp_path, experiment, config_file, overrides):
+    assert_kill_and_resume_matches(tmp_path, experiment, config_file, overrides)
+
+
+def test_sigterm_and_sigint_checkpoint_exit_cleanly_and_resume_exactly(tmp_path):
+    assert_kill_and_resume_matches(tmp_path, TOY, None, SLOW_TOY,
+                                   kills=(signal.SIGTERM, signal.SIGINT))
+
+
+def test_sweep_relaunch_after_kill_9_resumes(tmp_path, capsys):
+    """A worker killed with -9 is reported as died; re-launching the sweep resumes that run
+    from its checkpoint and leaves the complete one alone."""
+    config = tmp_path / "toy.yaml"
+    config.write_text(f"experiment: {TOY}\ndevice: cpu\nout_dir: {tmp_path}\n")
+    args = ["sweep", str(config), *SLOW_TOY, "--grid", "walk.scale=1,2", "--workers", "2",
+            "--threads", "1"]
+    sweep_dir = tmp_path / "toy"
+    first, second = sweep_dir / "walk.scale=1", sweep_dir / "walk.scale=2"
+    lock = sweep_dir / ".launch" / "walk.scale=2.lock"
+    driver = ThreadPoolExecutor(1).submit(main, args)  # the launcher, in a thread of this process
+    wait_until(lambda: (second / "checkpoints" / "last.pt").exists() or driver.done(),
+               what="the second run's first checkpoint")
+    os.kill(int(lock.read_text()), signal.SIGKILL)
+    assert driver.result(timeout=120) == 1
+    out = capsys.readouterr().out
+    assert "died: walk.scale=2: the worker process died (signal 9) mid-run" in out
+    assert status(first)["status"] == "complete" and status(second)["status"] == "running"
+
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "launching 1 runs" in out and "1 were already complete" in out
+    reference = load_experiment_config(None, [*SLOW_TOY, "walk.scale=2", "device=cpu",
+                                              f"out_dir={tmp_path / 'reference'}"], TOY)
+    assert status(second)["final"] == execute(reference)[1]
+    assert "resumed from" in (second / "log.txt").read_text()
