@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
-from ..cli.common import add_run_arguments, launch
+from ..cli.common import add_mode_arguments, add_run_arguments, launch
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -12,3 +14,44 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="meta-train a model from a config (configs/meta/)")
     add_run_arguments(train)
     train.set_defaults(handler=lambda args: launch(args, "meta-train", args.config, args.overrides))
+
+    evaluate = sub.add_parser("eval", help="meta-test a checkpoint: LR x runs x class-count sweeps")
+    evaluate.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR",
+                          help="a model checkpoint (.pt) or a meta-train run directory")
+    # REMAINDER, re-parsed intermixed in _evaluate, so options may also follow the overrides
+    evaluate.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value",
+                          help="dotted overrides, e.g. protocol.classes=[10,600] protocol.runs=3")
+    _eval_options(evaluate)
+    evaluate.set_defaults(handler=_evaluate)
+
+    report = sub.add_parser("report", help="summarise meta-eval results: tables, plots, markdown")
+    report.add_argument("results", nargs="+", metavar="RESULTS",
+                        help="meta-eval run directories or their results.parquet files")
+    report.add_argument("--out", required=True, metavar="DIR", help="folder for the report files")
+    report.set_defaults(handler=_report)
+
+
+def _eval_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="meta-eval config (configs/meta/eval/); "
+                        "default: the ANML protocol with the reference sweep")
+    add_mode_arguments(parser)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    rest = argparse.ArgumentParser(prog="metacl meta eval CHECKPOINT|RUN_DIR")
+    rest.add_argument("overrides", nargs="*", metavar="key=value")
+    _eval_options(rest)
+    defaults = {k: getattr(args, k) for k in ("config", "resume", "overwrite", "quiet")}
+    rest.set_defaults(**defaults)
+    known = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "overrides"})
+    args = rest.parse_intermixed_args(args.overrides, namespace=known)
+    checkpoint = str(Path(args.checkpoint).expanduser().resolve())
+    overrides = [f"checkpoint={json.dumps(checkpoint)}", *args.overrides]
+    return launch(args, "meta-eval", args.config, overrides)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .eval.report import write_report
+    files = write_report(args.results, args.out)
+    print("\n".join(f"{name}: {path}" for name, path in files.items()))
+    return 0

@@ -1,0 +1,281 @@
+"""The sequential meta-test: protocol order, batched == one-by-one sweeps, lstsq, honest selection, schema, CLI."""
+from __future__ import annotations
+
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from metacl.cli import main
+from metacl.core.checkpoint import save_checkpoint
+from metacl.core.errors import ConfigError
+from metacl.core.experiment import execute, load_experiment_config
+from metacl.meta.eval import experiment as eval_experiment
+from metacl.meta.eval.protocol import (ProtocolConfig, Sweep, draw_tasks, eval_points, lstsq_fit,
+                                       reference_trajectory)
+from metacl.meta.eval.report import select_learning_rates, trajectory_accuracy, write_report
+from metacl.models import register_model, save_model, build_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: one thread avoids OpenMP hand-offs that dominate on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@register_model("meta-eval-tiny")
+class Tiny(nn.Module):
+    """encode = ReLU(conv(x)) (144 features); head = fc, or fc(ReLU(fc1)) with `hidden`."""
+
+    def __init__(self, num_classes: int = 40, hidden: int = 0):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        if hidden:
+            self.fc1 = nn.Linear(144, hidden)
+        self.hidden = hidden
+        self.fc = nn.Linear(hidden or 144, num_classes)
+
+    def encode(self, x):
+        return torch.relu(self.conv(x)).flatten(1)
+
+    def head(self, z):
+        return self.fc(torch.relu(self.fc1(z))) if self.hidden else self.fc(z)
+
+    def forward(self, x):
+        return self.head(self.encode(x))
+
+
+def class_images(classes: int = 30, per_class: int = 20, seed: int = 0) -> torch.Tensor:
+    """Learnable synthetic classes: a fixed random prototype per class plus noise, (C, K, 1, 8, 8)."""
+    generator = torch.Generator().manual_seed(seed)
+    prototypes = torch.rand(classes, 1, 1, 8, 8, generator=generator)
+    return (prototypes + 0.3 * torch.rand(classes, per_class, 1, 8, 8, generator=generator)).clamp(0, 1)
+
+
+def protocol(**changes) -> ProtocolConfig:
+    base = dict(classes=[4], lrs=[0.01, 0.001], runs=2, compile=False)
+    return ProtocolConfig(**{**base, **changes})
+
+
+def test_tasks_follow_class_order_and_split_train_test_apart():
+    tasks = draw_tasks(30, 20, 6, 15, 5, runs=3, seed=1)
+    assert tasks.train.shape == (3, 6 * 15) and tasks.test.shape == (3, 6 * 5)
+    for run in range(3):
+        assert torch.equal(tasks.train[run] // 20, tasks.class_ids[run].repeat_interleave(15))
+        assert torch.equal(tasks.test[run] // 20, tasks.class_ids[run].repeat_interleave(5))
+        assert not set(tasks.train[run].tolist()) & set(tasks.test[run].tolist())
+    assert len({tuple(ids.tolist()) for ids in tasks.class_ids}) == 3  # runs draw different classes
+    again = draw_tasks(30, 20, 6, 15, 5, runs=3, seed=1)
+    assert torch.equal(again.train, tasks.train)
+    assert eval_points(10, 0) == [10] and eval_points(10, 4) == [1, 4, 8, 10]
+
+
+def test_one_adam_step_per_image_in_class_order(monkeypatch):
+    sweep = Sweep(Tiny(), class_images(), protocol(), seed=0)
+    seen_targets = []
+    original = sweep._fused
+
+    def counting(weight, m, v, logits, x, target, *rest):
+        seen_targets.append(target.clone())
+        return original(weight, m, v, logits, x, target, *rest)
+
+    monkeypatch.setattr(sweep, "_fused", counting)
+    sweep.run(4)
+    tasks = draw_tasks(30, 20, 4, 15, 5, 2, 0, "test")
+    assert len(seen_targets) == 4 * 15
+    targets = torch.stack(seen_targets, 1)  # (trajectories, steps): trajectory = run * lrs + lr
+    for trajectory in range(4):
+        assert torch.equal(targets[trajectory], tasks.class_ids[trajectory // 2].repeat_interleave(15))
+
+
+@pytest.mark.parametrize("hidden, opt_params, reinit_params, reinit_method, path, atol", [
+    (0, ["fc"], ["fc"], "kaiming", "linear", 2e-6),           # ANML protocol (olft)
+    (0, ["fc"], ["fc"], "lstsq", "linear", 2e-6),             # least-squares start, then Adam
+    (16, ["fc."], ["fc."], "kaiming", "linear", 2e-6),        # OML head, last layer only
+    (16, ["fc1", "fc."], ["fc1", "fc."], "kaiming", "generic", 2e-6),  # OML 2-layer head
+    # unfrozen: batched convolution gradients sum in another order, and Adam's division by
+    # sqrt(v) turns float32 rounding of near-zero gradient entries into ~1e-5 weight differences
+    (0, ["all"], ["fc"], "kaiming", "generic", 2e-5),
+])
+def test_batched_sweep_equals_one_by_one_torch_adam(hidden, opt_params, reinit_params, reinit_method, path, atol):
+    model, images = Tiny(hidden=hidden), class_images()
+    config = protocol(opt_params=opt_params, reinit_params=reinit_params, reinit_method=reinit_method,
+                      eval_freq=1)
+    sweep = Sweep(model, images, config, seed=3)
+    sweep.keep_weights = True
+    result = sweep.run(4)
+    assert (sweep.linear is not None) == (path == "linear")
+    tasks = draw_tasks(30, 20, 4, 15, 5, 2, 3, "test")
+    for trajectory, (lr, trial) in enumerate(zip(result.lrs, result.trials)):
+        reference = reference_trajectory(model, images, tasks, int(trial), float(lr), config, seed=3)[-1]
+        torch.testing.assert_close(sweep.final_weights[trajectory], reference, rtol=1e-5, atol=atol)
+    assert result.train_acc.shape == (4, 4, 4)  # eval points 1..4, trajectories, classes
+
+
+@pytest.mark.slow
+def test_compiled_linear_step_matches_eager():
+    """torch.compile fuses the linear-head Adam step; it must agree with the eager operations."""
+    images, model = class_images(), Tiny()
+    results = []
+    for compile_step in (False, True):
+        sweep = Sweep(model, images, protocol(compile=compile_step, lrs=[0.05, 0.001]), seed=1)
+        sweep.keep_weights = True
+        results.append((sweep.run(4), torch.stack(sweep.final_weights)))
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=2e-6)
+    np.testing.assert_array_equal(results[1][0].test_acc, results[0][0].test_acc)
+
+
+def test_seen_and_unseen_classes_are_reported_apart():
+    config = protocol(lrs=[0.01], eval_freq=1, classes=[5])
+    result = Sweep(Tiny(), class_images(), config, seed=0).run(5)
+    frame = eval_experiment.result_frame(result, eval_experiment.describe(config, "tiny", "synthetic"), 5, "test")
+    per_run = trajectory_accuracy(frame)
+    first = per_run[per_run["classes_trained"] == 1]
+    rows = frame[frame["classes_trained"] == 1]
+    for trial, group in rows.groupby("trial"):
+        assert first.loc[first["trial"] == trial, "seen_train_acc"].item() == \
+            pytest.approx(group.loc[group["class_id"] == 0, "train_acc"].item())
+    assert (first["seen_train_acc"] == 1.0).all()  # the one class learned is remembered
+    unseen = rows[rows["class_id"] >= 1]
+    assert unseen["train_acc"].mean() < 0.1  # a new head does not know unseen classes
+    assert (first["train_acc"] < first["seen_train_acc"]).all()
+
+
+def test_lstsq_fit_solves_toy_problems():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(200, 6, generator=generator)
+    labels = torch.randint(0, 3, (200,), generator=generator)
+    weight, bias = lstsq_fit(features, labels, outputs=5)
+    inputs = np.c_[features.double().numpy(), np.ones(200)]
+    expected = np.linalg.lstsq(inputs, np.eye(5)[labels.numpy()], rcond=None)[0]
+    np.testing.assert_allclose(weight.numpy(), expected[:-1].T, atol=1e-5)
+    np.testing.assert_allclose(bias.numpy(), expected[-1], atol=1e-5)
+    # an exactly linear target is recovered; unused outputs get zero weight
+    separable = torch.eye(6)[torch.arange(12) % 6] * 3 + 1
+    weight, bias = lstsq_fit(separable, torch.arange(12) % 6, outputs=8)
+    assert torch.equal((separable @ weight.T + bias).argmax(1), torch.arange(12) % 6)
+    assert weight[6:].abs().max() < 1e-5
+    # fewer samples than features: the minimum-norm solution (as the pseudo-inverse gives)
+    wide = torch.randn(4, 10, generator=generator)
+    weight, bias = lstsq_fit(wide, torch.arange(4), outputs=4)
+    pinv = np.linalg.pinv(np.c_[wide.double().numpy(), np.ones(4)]) @ np.eye(4)
+    np.testing.assert_allclose(torch.cat([weight, bias[:, None]], 1).numpy(), pinv.T, atol=1e-5)
+
+
+def test_zero_shot_and_iid_flavours_run_and_learn():
+    images = class_images()
+    zero = Sweep(Tiny(), images, protocol(eval_method="zero-shot", reinit_method="lstsq", init_size=60),
+                 seed=0).run(4)
+    assert zero.lrs.tolist() == [0.0, 0.0] and zero.train_acc.mean() > 0.8
+    iid = Sweep(Tiny(), images, protocol(eval_method="iid", epochs=5, batch_size=8, lrs=[0.01]), seed=0).run(4)
+    assert iid.classes_trained == [4] and iid.train_acc.mean() > 0.8
+    assert (iid.train_top5 >= iid.train_acc).all()
+    with pytest.raises(ConfigError, match="zero-shot"):
+        protocol(eval_method="zero-shot")
+
+
+def write_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = build_model({"name": "meta-eval-tiny", "num_classes": 40})
+    return save_model(model, tmp_path / "model.pt")
+
+
+def run_eval(tmp_path, monkeypatch, splits, name, **changes):
+    monkeypatch.setattr(eval_experiment, "load_splits", lambda config, device: splits)
+    overrides = [f"checkpoint={write_checkpoint(tmp_path)}", f"out_dir={tmp_path}", f"name={name}",
+                 "protocol.classes=[3,5]", "protocol.lrs=[0.05,0.005,0.0005]", "protocol.runs=2",
+                 "protocol.compile=false", "quiet=true", "device=cpu",
+                 *[f"{k}={v}" for k, v in changes.items()]]
+    path, final = execute(load_experiment_config(None, overrides, "meta-eval"))
+    return path, final, pd.read_parquet(path / "results.parquet")
+
+
+def test_validation_selection_never_touches_test_images(tmp_path, monkeypatch):
+    val, test = class_images(12, seed=1), class_images(20, seed=2)
+    _, final, frame = run_eval(tmp_path, monkeypatch, {"val": val, "test": test}, "clean")
+    poisoned = test.clone()
+    poisoned[:, 15:] = float("nan")  # every image that can be a test image of the test split
+    _, final_poisoned, frame_poisoned = run_eval(tmp_path, monkeypatch, {"val": val, "test": poisoned}, "poisoned")
+    val_rows = frame[frame["split"] == "val"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(val_rows, frame_poisoned[frame_poisoned["split"] == "val"].reset_index(drop=True))
+    chosen = select_learning_rates(frame).query("selection == 'validation'")[["classes", "lr"]]
+    chosen_poisoned = select_learning_rates(frame_poisoned).query("selection == 'validation'")[["classes", "lr"]]
+    pd.testing.assert_frame_equal(chosen.reset_index(drop=True), chosen_poisoned.reset_index(drop=True))
+    assert {k: v for k, v in final.items() if k.startswith("validation") and k.endswith("/lr")} == \
+        {k: v for k, v in final_poisoned.items() if k.startswith("validation") and k.endswith("/lr")}
+    # the poison did reach the test split's measurement, so the check above could have failed
+    test_rows = frame_poisoned[frame_poisoned["split"] == "test"]
+    assert not np.allclose(test_rows["test_acc"], frame[frame["split"] == "test"]["test_acc"])
+
+
+def test_results_schema_and_report(tmp_path, monkeypatch):
+    path, _, frame = run_eval(tmp_path, monkeypatch, {"val": class_images(12, seed=1), "test": class_images(20)},
+                              "schema", **{"protocol.eval_freq": 2})
+    expected = ["model", "dataset", "train_examples", "test_examples", "eval_method", "reinit_method",
+                "reinit_params", "opt_params", "split", "classes", "lr", "trial", "classes_trained", "class_id",
+                "train_acc", "test_acc", "train_acc_top5", "test_acc_top5"]
+    assert list(frame.columns) == expected
+    # one row per split x class count x lr x run x eval point x class
+    per_count = {3: len(eval_points(3, 2)) * 3, 5: len(eval_points(5, 2)) * 5}
+    assert len(frame) == 2 * 3 * 2 * sum(per_count.values())
+    assert frame["train_acc"].between(0, 1).all() and frame["eval_method"].eq("sequential").all()
+    sizes = frame.groupby(["split", "classes", "lr", "trial", "classes_trained"]).size()
+    assert (sizes.index.get_level_values("classes") == sizes.values).all()
+    files = write_report([path], tmp_path / "report")
+    for file in files.values():
+        assert file.is_file() and file.stat().st_size > 0
+    text = files["markdown"].read_text()
+    assert "validation" in text and "best-on-test" in text
+    summary = pd.read_csv(files["summary"])
+    assert {"test_acc_ci95", "seen_test_acc", "runs"} <= set(summary.columns)
+
+
+def test_cli_bad_input_exits_2(tmp_path, capsys):
+    assert main(["meta", "eval", str(tmp_path / "missing.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["meta", "eval", str(tmp_path), "protocol.runs=0"]) == 2
+    checkpoint = write_checkpoint(tmp_path)
+    assert main(["meta", "eval", str(checkpoint), "protocol.nonsense=1"]) == 2
+    assert "nonsense" in capsys.readouterr().err
+    assert main(["meta", "report", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")]) == 2
+    with pytest.raises(SystemExit) as error:
+        main(["meta", "report", str(tmp_path)])  # --out is required
+    assert error.value.code == 2
+
+
+def test_run_dir_resolves_to_its_model_checkpoint(tmp_path):
+    run_dir = tmp_path / "meta-train-x"
+    model = build_model({"name": "meta-eval-tiny", "hidden": 3})
+    # an unfinished meta-train run: only the training state, whose model spec is in config.yaml
+    save_checkpoint({"step": 5, "model": model.state_dict()}, run_dir / "checkpoints" / "last.pt")
+    (run_dir / "config.yaml").write_text("experiment: meta-train\nmodel: {name: meta-eval-tiny, hidden: 3}\n")
+    assert eval_experiment.resolve_checkpoint(run_dir) == run_dir / "checkpoints" / "last.pt"
+    loaded = eval_experiment.load_eval_model(run_dir)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    save_model(model, run_dir / "model.pt")  # the finished run's final model wins
+    assert eval_experiment.resolve_checkpoint(run_dir) == run_dir / "model.pt"
+    with pytest.raises(ConfigError, match="no model checkpoint"):
+        eval_experiment.resolve_checkpoint(tmp_path)
+
+
+@pytest.mark.slow
+def test_real_omniglot_meta_test_and_report(tmp_path, omniglot_dir):
+    """A random-init ANML on the real Omniglot evaluation classes: the full pipeline, end to end."""
+    torch.manual_seed(0)
+    checkpoint = save_model(build_model({"name": "anml"}), tmp_path / "anml.pt")
+    overrides = [f"checkpoint={checkpoint}", f"out_dir={tmp_path}", "name=real", f"data_dir={omniglot_dir.parent}",
+                 "protocol.classes=[5,10]", "protocol.lrs=[0.001,0.0001]", "protocol.runs=2",
+                 "protocol.eval_freq=5", "data.val_classes=20", "quiet=true", "device=cpu"]
+    path, final = execute(load_experiment_config(None, overrides, "meta-eval"))
+    frame = pd.read_parquet(path / "results.parquet")
+    assert set(frame["split"]) == {"val", "test"}
+    final_test = frame[(frame["split"] == "test") & (frame["classes_trained"] == frame["classes"])]
+    assert final_test["test_acc"].mean() > 0.2  # random features still separate 5-10 characters well
+    files = write_report([path], tmp_path / "report")
+    assert files["classes_plot"].stat().st_size > 10_000 and files["lr_plot"].stat().st_size > 10_000
+    assert "validation/10/lr" in final
