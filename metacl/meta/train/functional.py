@@ -1,0 +1,144 @@
+"""The functional maths of an episode: zapping, the (differentiable) inner loop, meta-losses.
+
+Parameters travel as a dict name -> tensor and the model runs through
+`torch.func.functional_call`, as in the functorch MAML example. An inner step is plain tensor
+maths, `fast[n] = fast[n] - lr * grad`, with grads from `torch.autograd.grad`; with
+`create_graph=True` the meta-loss is differentiable through every step (second order), with
+False it is the first-order approximation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .episodes import Episode
+
+
+def zap_rows(weight: torch.Tensor, rows: torch.Tensor, generator: torch.Generator) -> None:
+    """Re-initialise output rows `rows` of a linear layer's weight with kaiming-normal, in place.
+
+    Zapping the rows of the classes an episode is about to learn stops the network from simply
+    recalling them, so the meta-gradient has to teach it to learn them quickly.
+    """
+    rows = rows.reshape(-1)
+    fan_in = weight.shape[1]
+    fresh = torch.randn(len(rows), fan_in, generator=generator) * math.sqrt(2.0 / fan_in)
+    with torch.no_grad():
+        weight[rows.to(weight.device)] = fresh.to(weight.device, weight.dtype)
+
+
+class FunctionalModel:
+    """Runs a model on a parameter dict, computing once per episode what the inner loop cannot change.
+
+    When every adapted parameter belongs to the head (`model.head_prefixes`), the encoder's output
+    is computed once for all the episode's images; when none belongs to the modulation network
+    (`model.modulation_prefixes`, ANML's NM), the mask is. Gradients still flow through that
+    shared computation to the parameters it depends on.
+    """
+
+    def __init__(self, model: nn.Module, inner_names: list[str]):
+        self.model = model
+        head = tuple(getattr(model, "head_prefixes", ()))
+        modulation = tuple(getattr(model, "modulation_prefixes", ()))
+        if head and all(name.startswith(head) for name in inner_names):
+            self.reuse: str | None = "encode"
+        elif modulation and not any(name.startswith(modulation) for name in inner_names):
+            self.reuse = "mask"
+        else:
+            self.reuse = None
+
+    def __call__(self, params: dict[str, torch.Tensor], images: torch.Tensor, **kwargs) -> torch.Tensor:
+        buffers = dict(self.model.named_buffers())
+        return functional_call(self.model, (params, buffers), (images,), kwargs)
+
+    def prepare(self, params: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor | None:
+        """The per-image work shared by every step of an episode (None when nothing is shared)."""
+        return None if self.reuse is None else self(params, images, stage=self.reuse)
+
+    def logits(self, params: dict[str, torch.Tensor], images: torch.Tensor,
+               shared: torch.Tensor | None, rows: slice) -> torch.Tensor:
+        if self.reuse == "encode":
+            return self(params, shared[rows], stage="head")
+        if self.reuse == "mask":
+            return self(params, images[rows], mask=shared[rows])
+        return self(params, images[rows])
+
+
+@dataclass
+class InnerStats:
+    """Losses and accuracies of the inner steps (each measured before its update)."""
+
+    losses: list[torch.Tensor]
+    correct: list[torch.Tensor]
+    count: int
+
+    def summary(self) -> dict[str, float]:
+        if not self.losses:
+            return {"inner_loss": float("nan"), "inner_acc": float("nan")}
+        return {"inner_loss": float(torch.stack(self.losses).mean()),
+                "inner_acc": float(torch.stack(self.correct).sum()) / self.count}
+
+
+def inner_loop(fmodel: FunctionalModel, params: dict[str, torch.Tensor], inner_names: list[str],
+               episode: Episode, lr: float, cycles: int, create_graph: bool,
+               shared: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], InnerStats]:
+    """SGD on the inner parameters through the episode's trajectory; returns the fast weights."""
+    fast = dict(params)
+    stats = InnerStats([], [], 0)
+    for rows in episode.inner_batches(cycles):
+        labels = episode.labels[rows]
+        logits = fmodel.logits(fast, episode.images, shared, rows)
+        loss = F.cross_entropy(logits, labels)
+        grads = torch.autograd.grad(loss, [fast[n] for n in inner_names],
+                                    create_graph=create_graph, materialize_grads=True)
+        for name, grad in zip(inner_names, grads):
+            fast[name] = fast[name] - lr * grad
+        stats.losses.append(loss.detach())
+        stats.correct.append((logits.detach().argmax(1) == labels).sum())
+        stats.count += len(labels)
+    return fast, stats
+
+
+def meta_loss(fmodel: FunctionalModel, params: dict[str, torch.Tensor], inner_names: list[str],
+              episode: Episode, lr: float, cycles: int = 1, create_graph: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor, InnerStats]:
+    """(meta-loss, meta logits, inner stats): the loss after the inner loop, on the meta batch."""
+    shared = fmodel.prepare(params, episode.images)
+    fast, stats = inner_loop(fmodel, params, inner_names, episode, lr, cycles, create_graph, shared)
+    logits = fmodel.logits(fast, episode.images, shared, episode.meta_rows)
+    return F.cross_entropy(logits, episode.labels[episode.meta_rows]), logits, stats
+
+
+def continual_trial(fmodel: FunctionalModel, params: dict[str, torch.Tensor],
+                    inner_names: list[str], images: torch.Tensor, lr: float,
+                    train_per_class: int, generator: torch.Generator) -> float:
+    """Accuracy after learning `images` (classes, per_class, ...) one class after another.
+
+    The classes take output rows 0..n-1; the whole output layer is zapped first (as the
+    reference meta-test does); each class is learned from its first
+    `train_per_class` images, one SGD step per image, on `inner_names`; accuracy is on the rest.
+    A cheap, periodic proxy of the meta-test protocol on the training or validation pool.
+    """
+    num_classes, per_class = images.shape[:2]
+    params = {n: p.detach().clone().requires_grad_(n in inner_names) for n, p in params.items()}
+    zap_rows(params["fc.weight"], torch.arange(params["fc.weight"].shape[0]), generator)
+    labels = torch.arange(num_classes, device=images.device).repeat_interleave(per_class)
+    flat = images.reshape(num_classes * per_class, *images.shape[2:])
+    order = (torch.arange(num_classes)[:, None] * per_class
+             + torch.arange(train_per_class)[None, :]).reshape(-1).tolist()
+    test = torch.ones(num_classes, per_class, dtype=torch.bool)
+    test[:, :train_per_class] = False
+    test = test.reshape(-1).to(images.device)
+    trajectory = Episode(flat[order], labels[order], len(order), 1, remember_only=False)
+    with torch.no_grad():
+        shared = fmodel.prepare(params, flat)
+    shared_train = None if shared is None else shared[order]
+    fast, _ = inner_loop(fmodel, params, inner_names, trajectory, lr, 1, False, shared_train)
+    with torch.no_grad():
+        logits = fmodel.logits(fast, flat, shared, slice(None))
+    return float((logits.argmax(1) == labels)[test].float().mean())

@@ -1,0 +1,128 @@
+"""Meta models: shapes, parameter counts, the encode/head contract, initialisation, checkpoints."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from metacl.core.errors import ConfigError
+from metacl.models import build_model, load_model, model_spec, save_model, select_parameters
+from metacl.models.convnet import InstanceNorm
+
+
+def count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ({"name": "anml"}, 3_977_416),                           # higherANML refactor: 112-d mask input
+    ({"name": "anml", "nm_pool_output": False}, 6_041_800),  # original ANML: 1008-d mask input
+    ({"name": "sanml"}, 3_489_256),
+    ({"name": "oml"}, 6_338_280),
+    ({"name": "resnet18", "in_channels": 3, "stem": "imagenet"}, 11_689_512),  # torchvision's
+])
+def test_parameter_counts(spec, expected):
+    assert count(build_model(spec)) == expected
+
+
+def test_anml_shapes_prefixes_and_mask():
+    torch.manual_seed(0)
+    model = build_model({"name": "anml"})
+    x = torch.rand(2, 1, 28, 28)
+    assert {n.split(".")[0] for n, _ in model.named_parameters()} == {"rln", "nm", "fc"}
+    features, mask = model.rln(x).flatten(1), model(x, stage="mask")
+    assert features.shape == mask.shape == (2, 2304)
+    assert ((mask > 0) & (mask < 1)).all()
+    z = model.encode(x)
+    assert torch.allclose(z, features * mask)
+    assert torch.allclose(model(x), model.head(z)) and model(x).shape == (2, 1000)
+    assert torch.allclose(model(x, mask=mask), model(x))
+    assert isinstance(model.fc, nn.Linear) and model.fc.in_features == 2304
+    assert model.nm[2].in_features == 112
+    assert build_model({"name": "anml", "nm_pool_output": False}).nm[2].in_features == 1008
+
+
+def test_oml_shapes_head_and_initialisation():
+    torch.manual_seed(0)
+    model = build_model({"name": "oml", "num_classes": 10})
+    x = torch.rand(2, 1, 84, 84)
+    z = model.encode(x)
+    assert z.shape == (2, 2304)
+    assert torch.allclose(model(x), model.fc(torch.relu(model.fc1(z))))
+    assert (model.fc1.in_features, model.fc1.out_features, model.fc.out_features) == (2304, 1024, 10)
+    assert all(not m.bias.any() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    expected_std = (2 / 2304) ** 0.5  # 256 -> 256 conv, fan-in 2304: kaiming-normal
+    assert abs(model.encoder[2].weight.std().item() - expected_std) < 0.02 * expected_std
+
+
+@pytest.mark.parametrize("spec, dim", [
+    ({"name": "sanml"}, 2304),
+    ({"name": "convnet", "num_blocks": 3, "num_filters": [8, 8, 16], "norm": "gn"}, 16 * 3 * 3),
+    ({"name": "convnet", "num_blocks": 2, "num_filters": 8, "norm": "in", "pool": [2, 0],
+      "padding": 0, "head": "mlp", "hidden": [32, 16]}, 8 * 11 * 11),
+    ({"name": "convnet", "num_blocks": 2, "num_filters": 8, "norm": None, "stride": [2, 1],
+      "pool": None, "head": "cosine"}, 8 * 14 * 14),
+    ({"name": "resnet18", "width": 8}, 64),
+])
+def test_forward_is_head_of_encode(spec, dim):
+    torch.manual_seed(0)
+    model = build_model({**spec, "num_classes": 7}).eval()
+    x = torch.rand(3, 1, 28, 28)
+    z = model.encode(x)
+    assert z.shape == (3, dim)
+    assert torch.allclose(model(x), model.head(z), atol=1e-6) and model(x).shape == (3, 7)
+    assert isinstance(model.fc, nn.Linear) and "fc.weight" in dict(model.named_parameters())
+
+
+def test_cosine_head_is_a_scaled_cosine():
+    torch.manual_seed(0)
+    model = build_model({"name": "convnet", "num_blocks": 1, "num_filters": 4, "head": "cosine",
+                         "cosine_scale": 5.0, "num_classes": 3, "image_size": 8})
+    logits = model(torch.rand(4, 1, 8, 8))
+    assert logits.abs().max() <= 5.0 + 1e-5
+    assert "fc.bias" not in dict(model.named_parameters())
+
+
+def test_instance_norm_matches_torch():
+    norm = InstanceNorm(6, affine=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2)
+        norm.bias.uniform_(-1, 1)
+    reference = nn.InstanceNorm2d(6, affine=True)
+    reference.load_state_dict(norm.state_dict())
+    x = torch.randn(3, 6, 9, 9)
+    assert torch.allclose(norm(x), reference(x), atol=1e-5)
+
+
+def test_select_parameters_by_prefix():
+    model = build_model({"name": "anml", "rln_channels": 4, "nm_channels": 3, "num_classes": 5})
+    inner = select_parameters(model, ["rln", "fc"])
+    assert inner and all(n.startswith(("rln.", "fc.")) for n in inner)
+    assert len(select_parameters(model, "all")) == len(list(model.parameters()))
+    with pytest.raises(ConfigError, match="valid prefixes: all, fc, nm, rln"):
+        select_parameters(model, ["encoder"])
+
+
+def test_bad_model_options_are_config_errors():
+    with pytest.raises(ConfigError, match="bn, gn, in"):
+        build_model({"name": "convnet", "norm": "ln"})
+    with pytest.raises(ConfigError, match="linear, mlp, cosine"):
+        build_model({"name": "convnet", "head": "knn"})
+    with pytest.raises(ConfigError, match="3 values given for 2 blocks"):
+        build_model({"name": "convnet", "num_blocks": 2, "num_filters": [4, 4, 4]})
+    with pytest.raises(ConfigError, match="small, imagenet"):
+        build_model({"name": "resnet18", "stem": "cifar"})
+
+
+def test_checkpoint_round_trip_keeps_spec_and_outputs(tmp_path):
+    torch.manual_seed(0)
+    spec = {"name": "anml", "rln_channels": 4, "nm_channels": 3, "num_classes": 5,
+            "nm_pool_output": False}
+    model = build_model(spec)
+    path = save_model(model, tmp_path / "anml.pt", step=3)
+    loaded = load_model(path)
+    assert model_spec(loaded) == spec
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.equal(model(x), loaded(x))
+    # the file holds tensors and plain values only: it loads with weights_only=True
+    assert torch.load(path, weights_only=True)["step"] == 3

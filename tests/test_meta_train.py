@@ -1,0 +1,326 @@
+"""Meta-training: episodes, zapping, second-order meta-gradients, no inner-gradient leak, resume."""
+from __future__ import annotations
+
+import copy
+import os
+import signal
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metacl.meta.train.experiment as meta_experiment
+from metacl.core.errors import ConfigError, RunInterrupted
+from metacl.core.experiment import execute, load_experiment_config
+from metacl.models import build_model, load_model, select_parameters
+from metacl.meta.train.algorithms import EpisodicTrainer, lr_factor
+from metacl.meta.train.episodes import EpisodeSampler
+from metacl.meta.train.functional import FunctionalModel, continual_trial, meta_loss, zap_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_ANML = {"name": "anml", "rln_channels": 4, "nm_channels": 3, "num_classes": 8,
+             "image_size": 22}  # 22 px: the smallest the 3 unpadded ANML blocks accept
+TINY_CONVNET = ("{name: convnet, num_blocks: 2, num_filters: 4, norm: in, image_size: 8, "
+                "num_classes: 8}")
+
+
+def pool(classes=6, per_class=10, seed=0, dtype=torch.float32, size=22):
+    return torch.rand(classes, per_class, 1, size, size,
+                      generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def tiny_model(spec=TINY_ANML, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return build_model(spec).to(dtype)
+
+
+# ------------------------------------------------------------------------------------ episodes
+def test_single_class_episode_layout():
+    images = pool()
+    sampler = EpisodeSampler(images, torch.Generator().manual_seed(1), num_batches=5,
+                             batch_size=2, remember_size=7)
+    episode = sampler.sample()
+    assert episode.images.shape == (17, 1, 22, 22) and episode.labels.shape == (17,)
+    inner = episode.labels[:10]
+    assert (inner == inner[0]).all() and episode.inner_classes.tolist() == [int(inner[0])]
+    assert [(s.start, s.stop) for s in episode.inner_batches(2)] == [(0, 2), (2, 4), (4, 6), (6, 8),
+                                                                     (8, 10)] * 2
+    assert episode.meta_rows == slice(0, None)
+    # every image is the pool image of its label (tensor indexing picked matching rows)
+    matches = (episode.images[:, None] == images[episode.labels]).flatten(2).all(2)
+    assert matches.any(1).all()
+    inner_rows = matches[:10].float().argmax(1)
+    assert len(set(inner_rows.tolist())) == 10  # drawn without replacement within the class
+
+
+def test_uniform_and_remember_only_episodes():
+    sampler = EpisodeSampler(pool(), torch.Generator().manual_seed(2), sample_method="uniform",
+                             num_batches=20, remember_size=3, remember_only=True)
+    episode = sampler.sample()
+    assert len(episode.inner_classes) > 1  # 20 random images of 6 classes
+    assert episode.meta_rows == slice(20, None)
+    assert len(episode.labels[episode.meta_rows]) == 3
+
+
+def test_sampler_is_seeded_and_rejects_impossible_sizes():
+    first = EpisodeSampler(pool(per_class=20), torch.Generator().manual_seed(3)).sample()
+    again = EpisodeSampler(pool(per_class=20), torch.Generator().manual_seed(3)).sample()
+    assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
+    with pytest.raises(ConfigError, match="exceeds"):
+        EpisodeSampler(pool(per_class=10), torch.Generator(), num_batches=20)
+    with pytest.raises(ConfigError, match="sample_method"):
+        EpisodeSampler(pool(), torch.Generator(), sample_method="stratified", num_batches=2)
+
+
+# ------------------------------------------------------------------------------------ zapping
+def test_zap_rows_reinitialises_only_those_rows():
+    layer = torch.nn.Linear(4096, 6)
+    before_w, before_b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    zap_rows(layer.weight, torch.tensor([1, 4]), torch.Generator().manual_seed(0))
+    changed = (layer.weight != before_w).any(1)
+    assert changed.tolist() == [False, True, False, False, True, False]
+    assert torch.equal(layer.bias, before_b)
+    std = layer.weight[[1, 4]].std().item()
+    assert abs(std - (2 / 4096) ** 0.5) < 0.05 * (2 / 4096) ** 0.5  # kaiming-normal, fan-in
+    other = torch.nn.Linear(4096, 6)
+    zap_rows(other.weight, torch.tensor([1, 4]), torch.Generator().manual_seed(0))
+    assert torch.equal(other.weight[[1, 4]], layer.weight[[1, 4]])  # seeded
+
+
+def test_trainer_zaps_the_episode_class_before_learning():
+    model = tiny_model()
+    episode = EpisodeSampler(pool(), torch.Generator().manual_seed(0), num_batches=2,
+                             remember_size=2).sample()
+    before = model.fc.weight.detach().clone()
+    # fc adapts in the inner loop only (not an outer parameter): what stays is the zap alone
+    trainer = EpisodicTrainer(model, "meta", ["fc.weight", "fc.bias"], ["rln.0.0.weight"])
+    trainer.step(episode, torch.Generator().manual_seed(5))
+    changed = (model.fc.weight != before).any(1)
+    assert changed.nonzero().flatten().tolist() == episode.inner_classes.tolist()
+    unzapped = copy.deepcopy(model)
+    EpisodicTrainer(unzapped, "meta", ["fc.weight"], ["rln.0.0.weight"], zap=False).step(
+        episode, torch.Generator())
+    assert torch.equal(unzapped.fc.weight, model.fc.weight)
+
+
+# ----------------------------------------------------------------------- second-order gradients
+def tiny_episode(dtype=torch.float64):
+    sampler = EpisodeSampler(pool(dtype=dtype), torch.Generator().manual_seed(4), num_batches=3,
+                             remember_size=4)
+    return sampler.sample()
+
+
+def test_meta_gradient_is_second_order_and_matches_finite_differences():
+    model = tiny_model(dtype=torch.float64)
+    params = dict(model.named_parameters())
+    inner = list(select_parameters(model, ["rln", "fc"]))
+    fmodel = FunctionalModel(model, inner)
+    episode = tiny_episode()
+    lr = 0.5
+    loss, _, _ = meta_loss(fmodel, params, inner, episode, lr, create_graph=True)
+    second = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    loss_fo, _, _ = meta_loss(fmodel, params, inner, episode, lr, create_graph=False)
+    first = dict(zip(params, torch.autograd.grad(loss_fo, list(params.values()))))
+    assert torch.allclose(loss, loss_fo)
+
+    generator = torch.Generator().manual_seed(0)
+    eps = 1e-6
+    for name in ("rln.0.0.weight", "rln.1.1.weight", "nm.2.weight", "fc.weight"):
+        flat = params[name].view(-1)
+        for index in torch.randint(flat.numel(), (2,), generator=generator).tolist():
+            original = flat[index].item()
+            losses = []
+            for value in (original + eps, original - eps, original):
+                with torch.no_grad():
+                    flat[index] = value
+                losses.append(meta_loss(fmodel, params, inner, episode, lr,
+                                           create_graph=False)[0].item())
+            numeric = (losses[0] - losses[1]) / (2 * eps)
+            analytic = second[name].view(-1)[index].item()
+            assert abs(numeric - analytic) <= 1e-5 * max(1.0, abs(numeric)), (name, index)
+    for name in ("rln.0.0.weight", "nm.2.weight"):
+        difference = (second[name] - first[name]).norm() / second[name].norm()
+        assert difference > 0.05, name  # the first-order approximation is measurably different
+
+
+def test_shared_encoder_and_mask_paths_give_identical_meta_gradients():
+    episode = tiny_episode()
+    for spec, inner_prefixes, reuse in ((TINY_ANML, ["rln", "fc"], "mask"),
+                                        (TINY_ANML, ["fc"], "encode"),
+                                        ({"name": "oml", "image_size": 22, "channels": 4,
+                                          "strides": [1, 2, 1, 2], "hidden": 8,
+                                          "num_classes": 8}, ["fc1", "fc"], "encode")):
+        model = tiny_model(spec, dtype=torch.float64)
+        params = dict(model.named_parameters())
+        inner = list(select_parameters(model, inner_prefixes))
+        fast_path = FunctionalModel(model, inner)
+        assert fast_path.reuse == reuse
+        plain = FunctionalModel(model, inner)
+        plain.reuse = None
+        grads = []
+        for fmodel in (fast_path, plain):
+            loss = meta_loss(fmodel, params, inner, episode, 0.3)[0]
+            grads.append(torch.autograd.grad(loss, list(params.values())))
+        for a, b in zip(*grads):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------- sequential_episodic leak
+def test_sequential_episodic_outer_step_sees_only_the_meta_gradient():
+    model = tiny_model()
+    reference = copy.deepcopy(model)
+    episode = EpisodeSampler(pool(), torch.Generator().manual_seed(6), num_batches=4,
+                             remember_size=4).sample()
+    trainer = EpisodicTrainer(model, "sequential_episodic", list(dict(model.named_parameters())),
+                              list(dict(model.named_parameters())), inner_lr=0.1, outer_lr=0.01,
+                              zap=False)
+    trainer.step(episode, torch.Generator())
+
+    params = list(reference.parameters())
+    inner_grad_sum = [torch.zeros_like(p) for p in params]
+    for rows in episode.inner_batches():
+        loss = F.cross_entropy(reference(episode.images[rows]), episode.labels[rows])
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g, total in zip(params, grads, inner_grad_sum):
+                p -= 0.1 * g
+                total += g
+    meta = F.cross_entropy(reference(episode.images), episode.labels)
+    meta_grads = torch.autograd.grad(meta, params)
+    leaked = copy.deepcopy(reference)
+    for target, grads in ((reference, meta_grads),
+                          (leaked, [m + i for m, i in zip(meta_grads, inner_grad_sum)])):
+        for p, g in zip(target.parameters(), grads):
+            p.grad = g.clone()
+        optimizer = torch.optim.Adam(target.parameters(), lr=0.01)
+        optimizer.step()
+    for ours, expected, bug in zip(model.parameters(), reference.parameters(), leaked.parameters()):
+        assert torch.allclose(ours, expected, atol=1e-6)
+    assert any(not torch.allclose(a, b, atol=1e-4)
+               for a, b in zip(model.parameters(), leaked.parameters()))
+
+
+def test_meta_step_updates_the_pre_episode_weights():
+    model = tiny_model()
+    reference = copy.deepcopy(model)
+    episode = EpisodeSampler(pool(), torch.Generator().manual_seed(7), num_batches=3,
+                             remember_size=4).sample()
+    names = list(dict(model.named_parameters()))
+    trainer = EpisodicTrainer(model, "meta", names, names, inner_lr=0.1, outer_lr=0.01, zap=False)
+    trainer.step(episode, torch.Generator())
+    params = dict(reference.named_parameters())
+    loss = meta_loss(FunctionalModel(reference, names), params, names, episode, 0.1)[0]
+    for p, g in zip(params.values(), torch.autograd.grad(loss, list(params.values()))):
+        p.grad = g
+    torch.optim.Adam(reference.parameters(), lr=0.01).step()
+    for ours, expected in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(ours, expected, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- trials, schedules
+def test_continual_trial_is_sequential_sgd_then_accuracy_on_the_held_out_images():
+    model = build_model({"name": "convnet", "num_blocks": 2, "num_filters": 4, "norm": None,
+                         "num_classes": 8, "image_size": 8})
+    images = torch.rand(3, 6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    names = ["fc.weight", "fc.bias"]
+    acc = continual_trial(FunctionalModel(model, names), dict(model.named_parameters()), names,
+                          images, 0.5, 4, torch.Generator().manual_seed(0))
+
+    reference = copy.deepcopy(model)
+    zap_rows(reference.fc.weight, torch.arange(8), torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(reference.fc.parameters(), lr=0.5)
+    for c in range(3):
+        for i in range(4):
+            optimizer.zero_grad()
+            F.cross_entropy(reference(images[c, i:i + 1]), torch.tensor([c])).backward()
+            optimizer.step()
+    predictions = reference(images[:, 4:].reshape(6, 1, 8, 8)).argmax(1)
+    expected = (predictions == torch.arange(3).repeat_interleave(2)).float().mean().item()
+    assert acc == pytest.approx(expected)
+    assert not torch.equal(model.fc.weight, reference.fc.weight)  # the model itself is untouched
+
+
+def test_lr_schedules():
+    assert lr_factor("constant", 500, 1000, 100, 0.1) == 1.0
+    assert lr_factor("step", 250, 1000, 100, 0.5) == 0.25
+    assert lr_factor("cosine", 0, 1000, 100, 0.1) == 1.0
+    assert abs(lr_factor("cosine", 500, 1000, 100, 0.1) - 0.5) < 1e-12
+    with pytest.raises(ConfigError, match="constant, step, cosine"):
+        lr_factor("linear", 0, 10, 1, 0.1)
+
+
+# ----------------------------------------------------------------- experiment, checkpoints, resume
+@pytest.fixture
+def synthetic_pools(monkeypatch):
+    images = pool(classes=8, per_class=10, seed=9, size=8)
+    monkeypatch.setattr(meta_experiment, "load_pools",
+                        lambda config, device: (images[:6].to(device), images[6:].to(device)))
+
+
+def tiny_config(tmp_path, algorithm, name, *extra):
+    return load_experiment_config(None, [
+        f"algorithm={algorithm}", f"out_dir={tmp_path}", f"name={name}", "quiet=true",
+        "tracking.backends=[]", f"model={TINY_CONVNET}",
+        "train.episodes=6", "train.num_batches=3", "train.remember_size=4",
+        "train.inner_params=[encoder.1, fc]", "iid.max_steps=6", "iid.batch_size=8", "iid.zap_every=2",
+        "iid.zap_size=2", "log_every=2", "checkpoint_every=2", "eval.every=3", "eval.classes=2",
+        "eval.train_per_class=3", "eval_steps=[4]", *extra], "meta-train")
+
+
+@pytest.mark.parametrize("algorithm", ["meta", "sequential_episodic", "iid"])
+def test_interrupted_and_resumed_run_ends_exactly_like_a_straight_run(tmp_path, synthetic_pools,
+                                                                     monkeypatch, algorithm):
+    straight_path, straight = execute(tiny_config(tmp_path, algorithm, "straight"))
+
+    trainer_class = (meta_experiment.IIDTrainer if algorithm == "iid"
+                     else meta_experiment.EpisodicTrainer)
+    real_step = trainer_class.step
+    calls = {"n": 0}
+
+    def stop_after_three(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the run checkpoints and stops after this step
+        return real_step(self, *args)
+    monkeypatch.setattr(trainer_class, "step", stop_after_three)
+    config = tiny_config(tmp_path, algorithm, "resumed")
+    with pytest.raises(RunInterrupted):
+        execute(config)
+    monkeypatch.setattr(trainer_class, "step", real_step)
+    resumed_path, resumed = execute(config, "resume")
+
+    a, b = load_model(straight_path / "model.pt"), load_model(resumed_path / "model.pt")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    drop = ["seconds_per_step"]
+    pd.testing.assert_frame_equal(pd.read_parquet(straight_path / "train.parquet").drop(columns=drop),
+                                  pd.read_parquet(resumed_path / "train.parquet").drop(columns=drop))
+    pd.testing.assert_frame_equal(pd.read_parquet(straight_path / "eval.parquet"),
+                                  pd.read_parquet(resumed_path / "eval.parquet"))
+    assert len(pd.read_parquet(straight_path / "train.parquet")) == 3
+    assert (straight_path / "models" / "step-4.pt").exists()
+    assert straight["step"] == 6 and "val_trial_acc" in straight
+    assert {k: v for k, v in straight.items() if k not in drop} == \
+        {k: v for k, v in resumed.items() if k not in drop}
+
+
+def test_bad_configs_are_reported(tmp_path, synthetic_pools):
+    with pytest.raises(ConfigError, match="parameter prefix 'rln'"):
+        execute(tiny_config(tmp_path, "meta", "a", "train.inner_params=[rln]"))
+    with pytest.raises(ConfigError, match="num_classes >= 6"):
+        execute(tiny_config(tmp_path, "meta", "b", "model.num_classes=5"))
+    with pytest.raises(ConfigError, match="image_size"):
+        execute(tiny_config(tmp_path, "iid", "c", "model={name: anml, num_classes: 8}"))
+    with pytest.raises(ConfigError, match="algorithm"):
+        tiny_config(tmp_path, "maml", "d")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "meta").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    config = load_experiment_config(path)
+    assert config.experiment == "meta-train"
+    model = build_model(config.model)  # builds (no forward), so the spec is valid
+    assert isinstance(model.fc, torch.nn.Linear)
