@@ -1,0 +1,140 @@
+"""Generate a compositional-scenes file: sample valid layouts, render them, write them in batches.
+
+Each image's content is a pure function of (seed, image index), so the same seed and parameters
+give byte-identical X, D and y whatever the batch size, and an interrupted generation resumes
+exactly where it stopped.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core.device import resolve_device
+from ..core.errors import ConfigError, DataError
+from ..core.paths import data_dir
+from ..core.progress import progress
+from . import atlas, layout as layouts, shapes
+from .h5 import FORMAT_VERSION, SceneWriter, read_attrs
+from .layout import Layout, layout_to_D, sample_layouts
+from .render import SceneRenderer
+
+GENERATOR_VERSION = 1
+"""Bump whenever a change alters the images produced for a given seed."""
+MAX_ATTEMPTS = 1000
+DEFAULT_BATCH_SIZE = 256
+MIN_SIDE = 32
+
+
+def generator_params() -> dict:
+    """Parameters that determine the images besides seed and size (stored in each file)."""
+    return {
+        "generator_version": GENERATOR_VERSION, "object_size": shapes.SIZE,
+        "rotations": atlas.ROTATIONS, "supersample": atlas.SUPERSAMPLE,
+        "objects": [layouts.MIN_OBJECTS, layouts.MAX_OBJECTS], "min_gap": layouts.MIN_GAP,
+        "ground_region": [layouts.LATERAL_HALF_EXTENT, layouts.DEPTH_HALF_EXTENT],
+        "min_visible_pixels_at_160x120": 700, "camera": [6.0, -5.0, 6.0], "focal_mm": 35.0,
+    }
+
+
+def file_attrs(seed: int) -> dict:
+    return {"metacl_seed": int(seed), "metacl_generator": generator_params()}
+
+
+def default_scenes_path(num_images: int, *, seed: int = 0, height: int = 120, width: int = 160,
+                        data_root: str | os.PathLike | None = None) -> Path:
+    """Where generated scenes live by default: `<data dir>/scenes/scenes-<N>-<H>x<W>-seed<S>-v<V>.h5`."""
+    name = f"scenes-{num_images}-{height}x{width}-seed{seed}-v{GENERATOR_VERSION}.h5"
+    return data_dir(data_root) / "scenes" / name
+
+
+def _select(layout: Layout, rows: np.ndarray) -> Layout:
+    return Layout(**{name: getattr(layout, name)[rows] for name in layout.__dataclass_fields__})
+
+
+def valid_layouts(seed: int, indices: np.ndarray, renderer: SceneRenderer) -> Layout:
+    """Layouts for image `indices`, each redrawn until its objects fit and are all visible enough."""
+    count = len(indices)
+    attempts = np.zeros(count, dtype=np.int64)
+    result: Layout | None = None
+    pending = np.arange(count)
+    while len(pending):
+        if attempts[pending].max() >= MAX_ATTEMPTS:
+            raise DataError(f"no valid layout found in {MAX_ATTEMPTS} attempts for image "
+                            f"{indices[pending[0]]}; the image size may be too small for the objects")
+        draft = sample_layouts(seed, indices[pending], attempts[pending], renderer.in_frame)
+        ok = draft.placed.copy()
+        if ok.any():
+            visible = renderer.visibility(_select(draft, ok)).cpu().numpy()
+            enough = np.where(draft.present[ok], visible >= renderer.min_visible, True).all(axis=1)
+            ok[ok] = enough
+        if result is None:
+            result = _select(draft, np.zeros(count, dtype=np.int64))
+        for name in result.__dataclass_fields__:
+            getattr(result, name)[pending[ok]] = getattr(draft, name)[ok]
+        attempts[pending[~ok]] += 1
+        pending = pending[~ok]
+    return result
+
+
+def render_images(seed: int, indices: np.ndarray, renderer: SceneRenderer) -> tuple[np.ndarray, np.ndarray]:
+    """(X uint8 (B, H, W, 3), D uint8 (B, 5, 3)) for the given image indices."""
+    layout = valid_layouts(seed, np.asarray(indices, dtype=np.int64), renderer)
+    with torch.no_grad():
+        images = renderer.render(layout).cpu().numpy()
+    return images, layout_to_D(layout)
+
+
+def _check_arguments(num_images: int, height: int, width: int, batch_size: int) -> None:
+    if int(num_images) < 1:
+        raise ConfigError(f"num_images must be at least 1, got {num_images}")
+    if min(height, width) < MIN_SIDE:
+        raise ConfigError(f"image size {height}x{width} is too small; height and width must be >= {MIN_SIDE}")
+    if not 1.25 <= width / height <= 1.8:
+        raise ConfigError(f"aspect ratio {width}x{height} unsupported: the scene is framed for landscape "
+                          "images; width/height must be within 1.25-1.8 (4:3 and 16:9 work)")
+    if int(batch_size) < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+
+
+def generate_scenes(out_path: str | os.PathLike, num_images: int, *, seed: int = 0, height: int = 120,
+                    width: int = 160, device: str | torch.device = "cpu",
+                    batch_size: int = DEFAULT_BATCH_SIZE, quiet: bool = False) -> Path:
+    """Write `num_images` scenes to `out_path` (HDF5, reference layout); resumes an interrupted run."""
+    _check_arguments(num_images, height, width, batch_size)
+    device = resolve_device(device)
+    renderer = SceneRenderer(height, width, device)
+    if renderer.window_h > height or renderer.window_w > width:
+        raise ConfigError(f"image size {height}x{width}: objects do not fit; use a wider aspect ratio")
+    with SceneWriter(out_path, num_images, height, width, file_attrs(seed)) as writer:
+        bar = progress(total=num_images, initial=writer.start, desc="scenes", unit="img", quiet=quiet)
+        with bar:
+            for start in range(writer.start, num_images, batch_size):
+                indices = np.arange(start, min(num_images, start + batch_size))
+                images, objects = render_images(seed, indices, renderer)
+                writer.write(start, images, objects)
+                bar.update(len(indices))
+        return writer.finish()
+
+
+def matches(path: str | os.PathLike, num_images: int, *, seed: int, height: int, width: int) -> bool:
+    """Whether `path` is a complete metacl scenes file generated with exactly these parameters."""
+    try:
+        attrs = read_attrs(path)
+    except DataError:
+        return False
+    return (attrs.get("metacl_complete") == 1 and attrs.get("metacl_format_version") == FORMAT_VERSION
+            and attrs.get("metacl_num_images") == num_images and attrs.get("metacl_seed") == seed
+            and attrs.get("metacl_height") == height and attrs.get("metacl_width") == width
+            and attrs.get("metacl_generator") == generator_params())
+
+
+def ensure_scenes(path: str | os.PathLike | None, num_images: int, *, seed: int = 0, height: int = 120,
+                  width: int = 160, device: str | torch.device = "cpu", quiet: bool = False) -> Path:
+    """The scenes file at `path` (default: under the data dir), generated first unless it already matches."""
+    path = Path(path) if path is not None else default_scenes_path(num_images, seed=seed, height=height, width=width)
+    if path.exists() and matches(path, num_images, seed=seed, height=height, width=width):
+        return path
+    return generate_scenes(path, num_images, seed=seed, height=height, width=width, device=device, quiet=quiet)
