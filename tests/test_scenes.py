@@ -77,6 +77,12 @@ def test_same_seed_gives_identical_bytes_whatever_the_batch_size(scenes, tmp_pat
     assert not np.array_equal(other.D, scenes.D[:10])
 
 
+def test_worker_processes_give_identical_bytes(scenes, tmp_path):
+    parallel = load_scenes(generate_scenes(tmp_path / "w.h5", 12, seed=SEED, batch_size=4, workers=2,
+                                           quiet=True))
+    assert np.array_equal(parallel.X, scenes.X[:12]) and np.array_equal(parallel.D, scenes.D[:12])
+
+
 def test_every_object_keeps_enough_visible_pixels(scenes):
     renderer = SceneRenderer(120, 160)
     layout = valid_layouts(SEED, np.arange(COUNT), renderer)

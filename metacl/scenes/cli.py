@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..core.device import VALID_DEVICES
 
@@ -39,6 +40,8 @@ def add_commands(data_subparsers: argparse._SubParsersAction) -> None:
     scenes.add_argument("--height", type=_positive, default=120, help="image height in pixels (default 120)")
     scenes.add_argument("--width", type=_positive, default=160, help="image width in pixels (default 160)")
     scenes.add_argument("--batch-size", type=_positive, default=256, help="images rendered per batch")
+    scenes.add_argument("--workers", type=_positive, default=os.cpu_count() or 1,
+                        help="CPU processes rendering in parallel (default: all cores); same bytes for any value")
     scenes.add_argument("--data-dir", metavar="DIR", help="data folder (default $METACL_DATA_DIR or ~/.cache/metacl)")
     scenes.add_argument("--quiet", action="store_true", help="no progress bar")
     scenes.set_defaults(handler=_scenes)
@@ -56,7 +59,8 @@ def _scenes(args: argparse.Namespace) -> int:
     out = args.out or default_scenes_path(args.num_images, seed=args.seed, height=args.height,
                                           width=args.width, data_root=args.data_dir)
     path = generate_scenes(out, args.num_images, seed=args.seed, height=args.height, width=args.width,
-                           device=args.device, batch_size=args.batch_size, quiet=args.quiet)
+                           device=args.device, batch_size=args.batch_size, workers=args.workers,
+                           quiet=args.quiet)
     print(f"wrote {args.num_images} scenes to {path}")
     return 0
 

@@ -6,8 +6,11 @@ exactly where it stopped.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -87,6 +90,35 @@ def render_images(seed: int, indices: np.ndarray, renderer: SceneRenderer) -> tu
     return images, layout_to_D(layout)
 
 
+_worker_renderer: SceneRenderer | None = None
+
+
+def _start_worker(height: int, width: int) -> None:
+    """Worker processes render on one thread each: on CPU, processes scale and threads do not."""
+    global _worker_renderer
+    torch.set_num_threads(1)
+    _worker_renderer = SceneRenderer(height, width, "cpu")
+
+
+def _render_in_worker(seed: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return render_images(seed, indices, _worker_renderer)
+
+
+def _rendered_batches(seed: int, batches: list[np.ndarray], renderer: SceneRenderer, workers: int,
+                      height: int, width: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(images, objects) per batch, in order; with workers > 1, rendered by a process pool.
+
+    Every image is a pure function of (seed, index), so the pool changes speed, never bytes.
+    """
+    if workers <= 1:
+        yield from (render_images(seed, indices, renderer) for indices in batches)
+        return
+    context = multiprocessing.get_context("spawn")  # fork is unsafe once torch's threads exist
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                                                initargs=(height, width)) as pool:
+        yield from pool.map(_render_in_worker, [seed] * len(batches), batches)
+
+
 def _check_arguments(num_images: int, height: int, width: int, batch_size: int) -> None:
     if int(num_images) < 1:
         raise ConfigError(f"num_images must be at least 1, got {num_images}")
@@ -101,20 +133,27 @@ def _check_arguments(num_images: int, height: int, width: int, batch_size: int) 
 
 def generate_scenes(out_path: str | os.PathLike, num_images: int, *, seed: int = 0, height: int = 120,
                     width: int = 160, device: str | torch.device = "cpu",
-                    batch_size: int = DEFAULT_BATCH_SIZE, quiet: bool = False) -> Path:
-    """Write `num_images` scenes to `out_path` (HDF5, reference layout); resumes an interrupted run."""
+                    batch_size: int = DEFAULT_BATCH_SIZE, workers: int = 1, quiet: bool = False) -> Path:
+    """Write `num_images` scenes to `out_path` (HDF5, reference layout); resumes an interrupted run.
+
+    `workers` > 1 renders batches in that many CPU processes (ignored on CUDA).
+    """
     _check_arguments(num_images, height, width, batch_size)
+    if int(workers) < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
     device = resolve_device(device)
+    workers = workers if device.type == "cpu" else 1
     renderer = SceneRenderer(height, width, device)
     if renderer.window_h > height or renderer.window_w > width:
         raise ConfigError(f"image size {height}x{width}: objects do not fit; use a wider aspect ratio")
     with SceneWriter(out_path, num_images, height, width, file_attrs(seed)) as writer:
         bar = progress(total=num_images, initial=writer.start, desc="scenes", unit="img", quiet=quiet)
+        batches = [np.arange(start, min(num_images, start + batch_size))
+                   for start in range(writer.start, num_images, batch_size)]
         with bar:
-            for start in range(writer.start, num_images, batch_size):
-                indices = np.arange(start, min(num_images, start + batch_size))
-                images, objects = render_images(seed, indices, renderer)
-                writer.write(start, images, objects)
+            for indices, (images, objects) in zip(
+                    batches, _rendered_batches(seed, batches, renderer, workers, height, width)):
+                writer.write(int(indices[0]), images, objects)
                 bar.update(len(indices))
         return writer.finish()
 
@@ -132,9 +171,11 @@ def matches(path: str | os.PathLike, num_images: int, *, seed: int, height: int,
 
 
 def ensure_scenes(path: str | os.PathLike | None, num_images: int, *, seed: int = 0, height: int = 120,
-                  width: int = 160, device: str | torch.device = "cpu", quiet: bool = False) -> Path:
+                  width: int = 160, device: str | torch.device = "cpu", workers: int = 1,
+                  quiet: bool = False) -> Path:
     """The scenes file at `path` (default: under the data dir), generated first unless it already matches."""
     path = Path(path) if path is not None else default_scenes_path(num_images, seed=seed, height=height, width=width)
     if path.exists() and matches(path, num_images, seed=seed, height=height, width=width):
         return path
-    return generate_scenes(path, num_images, seed=seed, height=height, width=width, device=device, quiet=quiet)
+    return generate_scenes(path, num_images, seed=seed, height=height, width=width, device=device,
+                           workers=workers, quiet=quiet)
