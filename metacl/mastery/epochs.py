@@ -1,0 +1,109 @@
+"""Epoch composition: how many trials each task gets, and which training images it sees.
+
+An epoch of the sequential protocol is `epoch_size` trials (by default the whole training split:
+45,000 for a 50k file). Episode 1 gives them all to task 1; in episode k > 1 the new task gets
+`new_task_share` of them (22,500) and the earlier tasks share the rest, evenly or by a
+curriculum. Every task draws a disjoint set of training images, redrawn each epoch, and a draw
+whose minority class is under `min_minority` of the sample is redrawn.
+"""
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+
+from ..core.errors import ConfigError, DataError
+
+Curriculum = Literal["uniform", "ratio", "power"]
+
+
+def allocate(total: int, weights: Sequence[float]) -> list[int]:
+    """Integers proportional to `weights` that sum exactly to `total` (largest remainder)."""
+    if not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"cannot allocate {total} trials by weights {list(weights)}")
+    scale = total / sum(weights)
+    exact = [w * scale for w in weights]
+    counts = [int(e) for e in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[:total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def old_task_weights(num_old: int, episode: int, curriculum: Curriculum, ratio: float,
+                     alpha: float) -> list[float]:
+    """Relative shares of the earlier tasks at positions t = 1..num_old in episode `episode`.
+
+    uniform: equal; ratio: r^(t-1); power: (episode - t + 1)^(-alpha).
+    """
+    positions = range(1, num_old + 1)
+    if curriculum == "uniform":
+        return [1.0] * num_old
+    if curriculum == "ratio":
+        return [ratio ** (t - 1) for t in positions]
+    if curriculum == "power":
+        return [(episode - t + 1) ** (-alpha) for t in positions]
+    raise ConfigError(f"unknown curriculum {curriculum!r}; valid choices: uniform, ratio, power")
+
+
+def episode_counts(epoch_size: int, num_old: int, episode: int, new_task_share: float,
+                   curriculum: Curriculum = "uniform", ratio: float = 1.25,
+                   alpha: float = 1.14) -> list[int]:
+    """Trials per epoch for [new task, old task 1, ..., old task num_old]; sums to epoch_size."""
+    if num_old == 0:
+        return [epoch_size]
+    new = int(round(epoch_size * new_task_share))
+    if not 0 < new < epoch_size:
+        raise ConfigError(f"train.new_task_share {new_task_share} leaves no trials for the new or "
+                          f"the old tasks of a {epoch_size}-trial epoch")
+    return [new, *allocate(epoch_size - new, old_task_weights(num_old, episode, curriculum,
+                                                               ratio, alpha))]
+
+
+def minority_fraction(labels: torch.Tensor) -> float:
+    positive = float(labels.float().mean()) if labels.numel() else 0.0
+    return min(positive, 1.0 - positive)
+
+
+def draw_epoch(train_labels: torch.Tensor, tasks: Sequence[int], counts: Sequence[int],
+               generator: torch.Generator, min_minority: float = 0.2, tries_per_task: int = 20,
+               restarts: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one epoch: (image indices, task ids), shuffled together, on the CPU.
+
+    `train_labels` is the (num_train, 30) bool label matrix of the training split. Task i gets
+    `counts[i]` images, disjoint from every other task's. A task's draw is repeated until its
+    minority class makes up at least `min_minority` of it; when the images left over cannot
+    satisfy a task, the whole epoch is drawn again.
+    """
+    num_train = train_labels.shape[0]
+    if sum(counts) > num_train:
+        raise ConfigError(f"an epoch of {sum(counts)} trials needs more than the {num_train} "
+                          f"training images for disjoint per-task image sets; lower train.epoch_size")
+    for _ in range(restarts):
+        drawn = _draw_disjoint(train_labels, tasks, counts, generator, min_minority, tries_per_task)
+        if drawn is not None:
+            images = torch.cat(drawn)
+            task_ids = torch.cat([torch.full((c,), t, dtype=torch.long)
+                                  for t, c in zip(tasks, counts)])
+            order = torch.randperm(images.shape[0], generator=generator)
+            return images[order], task_ids[order]
+    raise DataError(f"no draw of {list(counts)} images for tasks {list(tasks)} out of {num_train} "
+                    f"gave every task a minority class of at least {min_minority:.0%} after "
+                    f"{restarts} tries; the dataset is too small or a feature too rare")
+
+
+def _draw_disjoint(train_labels, tasks, counts, generator, min_minority, tries_per_task):
+    pool = torch.randperm(train_labels.shape[0], generator=generator)
+    drawn = []
+    for task, count in zip(tasks, counts):
+        for _ in range(tries_per_task):
+            pick = torch.randperm(pool.shape[0], generator=generator)[:count]
+            if minority_fraction(train_labels[pool[pick], task]) >= min_minority:
+                break
+        else:
+            return None
+        drawn.append(pool[pick])
+        keep = torch.ones(pool.shape[0], dtype=torch.bool)
+        keep[pick] = False
+        pool = pool[keep]
+    return drawn

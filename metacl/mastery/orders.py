@@ -1,0 +1,105 @@
+"""Task orders: Williams Latin squares, the reference's exact (legacy) orders, and the
+heterogeneous-dimensions control.
+
+Tasks are feature indices 0..29: dimension d (0 colour, 1 shape, 2 texture) owns 10d..10d+9.
+
+A Williams square of even order n has every task follow every other task exactly once across its
+rows (first-order carry-over balance). Shuffling its rows or relabelling its symbols keeps that
+balance; shuffling its columns, as the reference did, breaks it, so `williams_order` relabels
+and `legacy_order` reproduces the reference exactly.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from ..core.errors import ConfigError
+from ..core.seeding import numpy_rng
+
+FEATURES_PER_DIMENSION = 10
+NUM_DIMENSIONS = 3
+NUM_FEATURES = FEATURES_PER_DIMENSION * NUM_DIMENSIONS
+REFERENCE_FIRST_ROW = (1, 2, 10, 3, 9, 4, 8, 5, 7, 6)
+
+
+def williams_square(n: int = FEATURES_PER_DIMENSION) -> np.ndarray:
+    """The cyclic Williams square of even order n, symbols 0..n-1: row 0 is 0, 1, n-1, 2, n-2, ..."""
+    if n < 2 or n % 2:
+        raise ConfigError(f"a Williams square needs an even order >= 2, got {n}")
+    first = [0]
+    low, high = 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    return (np.array(first)[None, :] + np.arange(n)[:, None]) % n
+
+
+def _check_dimension(dimension: int) -> None:
+    if dimension not in range(NUM_DIMENSIONS):
+        raise ConfigError(f"dimension {dimension}; valid choices: 0 (colour), 1 (shape), 2 (texture)")
+
+
+def williams_order(dimension: int, index: int, square_seed: int) -> list[int]:
+    """Row `index % 10` of the Williams square, symbols relabelled by a permutation from
+    `square_seed`, as task ids of `dimension`. Every seed keeps the carry-over balance."""
+    _check_dimension(dimension)
+    square = williams_square()
+    relabel = numpy_rng(square_seed, "williams-relabel").permutation(FEATURES_PER_DIMENSION)
+    row = relabel[square[index % FEATURES_PER_DIMENSION]]
+    return [int(v) + FEATURES_PER_DIMENSION * dimension for v in row]
+
+
+def legacy_square(square_seed: int) -> np.ndarray:
+    """The reference's square (values 1..10): rows shuffled, then columns, by RandomState(seed)."""
+    first = np.array(REFERENCE_FIRST_ROW)
+    square = np.stack([(first - 1 + i) % FEATURES_PER_DIMENSION + 1
+                       for i in range(FEATURES_PER_DIMENSION)])
+    rs = np.random.RandomState(square_seed)
+    rs.shuffle(square)
+    rs.shuffle(square.T)
+    return square
+
+
+def legacy_order(dimension: int, index: int, square_seed: int) -> list[int]:
+    """The reference's exact order: `L[index % 10] - 1 + 10 * dimension`."""
+    _check_dimension(dimension)
+    row = legacy_square(square_seed)[index % FEATURES_PER_DIMENSION]
+    return [int(v) - 1 + FEATURES_PER_DIMENSION * dimension for v in row]
+
+
+DIMENSION_PERMUTATIONS = list(itertools.permutations(range(NUM_DIMENSIONS)))
+
+
+def heterogeneous_order(num_tasks: int, seed: int, with_replacement: bool = False) -> list[int]:
+    """Cycle through the three dimensions in one of their 6 permutations (chosen by `seed`),
+    drawing a feature of the current dimension each episode; without replacement by default.
+
+    With replacement (the reference's behaviour) about 7 in 10 orders of 10 tasks repeat a task.
+    """
+    if not with_replacement and num_tasks > NUM_FEATURES:
+        raise ConfigError(f"num_tasks {num_tasks} exceeds the {NUM_FEATURES} distinct features")
+    rng = numpy_rng(seed, "heterogeneous-order")
+    dimensions = DIMENSION_PERMUTATIONS[int(rng.integers(len(DIMENSION_PERMUTATIONS)))]
+    remaining = {d: list(rng.permutation(FEATURES_PER_DIMENSION)) for d in dimensions}
+    order = []
+    for episode in range(num_tasks):
+        dimension = dimensions[episode % NUM_DIMENSIONS]
+        if with_replacement:
+            feature = int(rng.integers(FEATURES_PER_DIMENSION))
+        else:
+            feature = int(remaining[dimension].pop())
+        order.append(feature + FEATURES_PER_DIMENSION * dimension)
+    return order
+
+
+def carryover_counts(rows: list[list[int]] | np.ndarray) -> dict[tuple[int, int], int]:
+    """How often task b directly follows task a, over all rows (balanced: every pair once)."""
+    counts: dict[tuple[int, int], int] = {}
+    for row in rows:
+        for a, b in zip(row, row[1:]):
+            counts[int(a), int(b)] = counts.get((int(a), int(b)), 0) + 1
+    return counts

@@ -1,0 +1,254 @@
+"""`metacl mastery report`: tidy tables, plots and a summary from one or more mastery runs.
+
+Trials to criterion are aggregated across runs by geometric mean (they are ratio-scaled and
+roughly log-normal). The learning curve is fitted as a power law, log10 trials = a + b log10
+episode, by least squares over every run's new-task points, with a t-based 95% CI on the slope.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from ..core import atomic
+from ..core.errors import DataError
+
+# two-sided 95% t quantiles for 1..30 degrees of freedom (beyond that the normal 1.96 is close)
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+       2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+       2.052, 2.048, 2.045, 2.042)
+
+
+def t95(dof: int) -> float:
+    return T95[dof - 1] if dof <= len(T95) else 1.96
+
+
+@dataclass
+class PowerLaw:
+    slope: float
+    intercept: float
+    slope_ci_low: float
+    slope_ci_high: float
+    r_squared: float
+    points: int
+    from_episode: int
+
+
+def geomean(values: pd.Series) -> float:
+    values = values.dropna()
+    values = values[values > 0]
+    return float(np.exp(np.log(values).mean())) if len(values) else math.nan
+
+
+def fit_power_law(points: pd.DataFrame, from_episode: int = 1) -> PowerLaw | None:
+    """Least-squares fit of log10(trials_to_criterion) on log10(episode) for episodes >= from."""
+    points = points[(points["episode"] >= from_episode) & (points["trials_to_criterion"] > 0)]
+    points = points.dropna(subset=["trials_to_criterion"])
+    if points["episode"].nunique() < 2:
+        return None
+    x = np.log10(points["episode"].to_numpy(float))
+    y = np.log10(points["trials_to_criterion"].to_numpy(float))
+    slope, intercept = np.polyfit(x, y, 1)
+    residuals = y - (intercept + slope * x)
+    total = ((y - y.mean()) ** 2).sum()
+    r_squared = 1 - (residuals ** 2).sum() / total if total > 0 else 1.0
+    dof = len(x) - 2
+    if dof > 0:
+        stderr = math.sqrt((residuals ** 2).sum() / dof / ((x - x.mean()) ** 2).sum())
+        half = t95(dof) * stderr
+    else:
+        half = math.nan
+    return PowerLaw(float(slope), float(intercept), float(slope - half), float(slope + half),
+                    float(r_squared), len(x), from_episode)
+
+
+def read_runs(run_dirs: list[str | Path]) -> dict[str, pd.DataFrame]:
+    """Concatenate the tables of every run, tagged with run name, condition, model and seed."""
+    frames: dict[str, list[pd.DataFrame]] = {"criterion": [], "epochs": [], "forgetting": []}
+    names: set[str] = set()
+    for run_dir in map(Path, run_dirs):
+        config_path = run_dir / "config.yaml"
+        if not config_path.is_file():
+            raise DataError(f"{run_dir} is not a run directory (no config.yaml)")
+        config = yaml.safe_load(config_path.read_text()) or {}
+        if config.get("experiment") != "mastery":
+            raise DataError(f"{run_dir} is a {config.get('experiment')!r} run, not a mastery run")
+        name = run_dir.name if run_dir.name not in names else str(run_dir)
+        names.add(name)
+        tags = {"run": name, "condition": config["tasks"]["condition"],
+                "model": config["model"]["name"], "seed": config["seed"]}
+        found = False
+        for table in frames:
+            path = run_dir / f"{table}.parquet"
+            if path.is_file():
+                frame = pd.read_parquet(path)
+                if len(frame):
+                    found = True
+                    frames[table].append(frame.assign(**tags))
+        if not found:
+            raise DataError(f"{run_dir} has no mastery tables yet (has it run an epoch?)")
+    return {table: pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+            for table, parts in frames.items()}
+
+
+def new_task_trials(criterion: pd.DataFrame) -> pd.DataFrame:
+    new = criterion[criterion["is_new"]]
+    return (new.groupby("episode")["trials_to_criterion"]
+            .agg(runs="count", geomean=geomean, min="min", max="max").reset_index())
+
+
+def relearning_trials(criterion: pd.DataFrame) -> pd.DataFrame:
+    seq = criterion[criterion["condition"] != "simultaneous"]
+    return (seq.groupby("times_trained")["trials_to_criterion"]
+            .agg(points="count", geomean=geomean).reset_index())
+
+
+def forgetting_curves(forgetting: pd.DataFrame) -> pd.DataFrame:
+    return (forgetting.groupby(["times_trained", "trials"])["test_acc"]
+            .mean().reset_index())
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path, fit_from: int = 2) -> Path:
+    """Write tables (CSV), plots (PNG) and summary.md for `run_dirs` into `out_dir`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = read_runs(run_dirs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    criterion, epochs, forgetting = tables["criterion"], tables["epochs"], tables["forgetting"]
+    written: dict[str, pd.DataFrame] = {"epochs": epochs, "criterion": criterion}
+    fit = None
+    if len(criterion):
+        per_episode = new_task_trials(criterion)
+        written["new_task_trials"] = per_episode
+        written["relearning_trials"] = relearning_trials(criterion)
+        sequential = criterion[criterion["is_new"]]
+        fit = fit_power_law(sequential, fit_from) if len(sequential) else None
+        if fit is not None:
+            written["power_law_fit"] = pd.DataFrame([fit.__dict__])
+    if len(forgetting):
+        written["forgetting"] = forgetting
+        written["forgetting_curves"] = forgetting_curves(forgetting)
+    for name, frame in written.items():
+        if len(frame):
+            with atomic.atomic_path(out / f"{name}.csv") as tmp:
+                frame.to_csv(tmp, index=False)
+
+    plots = []
+    if len(criterion) and criterion["is_new"].any():
+        plots.append(_plot_trials(plt, criterion, written["new_task_trials"], fit,
+                                  out / "trials_to_criterion.png"))
+        plots.append(_plot_relearning(plt, criterion, out / "relearning.png"))
+    if len(epochs):
+        plots.append(_plot_accuracy(plt, epochs, out / "accuracy_curves.png"))
+    if len(forgetting):
+        plots.append(_plot_forgetting(plt, written["forgetting_curves"], out / "forgetting.png"))
+    atomic.write_text(out / "summary.md", _summary(run_dirs, written, fit, plots))
+    return out
+
+
+def _save(fig, path: Path) -> str:
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return path.name
+
+
+def _plot_trials(plt, criterion, per_episode, fit, path):
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for _, run in criterion[criterion["is_new"]].groupby("run"):
+        ax.plot(run["episode"], run["trials_to_criterion"], color="0.75", lw=0.8, marker=".")
+    ax.plot(per_episode["episode"], per_episode["geomean"], "o-", color="C0",
+            label="new task (geometric mean)")
+    old = criterion[~criterion["is_new"]]
+    if len(old):
+        old_mean = old.groupby("episode")["trials_to_criterion"].agg(geomean).reset_index()
+        ax.plot(old_mean["episode"], old_mean["trials_to_criterion"], "s--", color="C1",
+                label="earlier tasks (geometric mean)")
+    if fit is not None:
+        xs = np.arange(fit.from_episode, per_episode["episode"].max() + 1)
+        ax.plot(xs, 10 ** (fit.intercept + fit.slope * np.log10(xs)), color="C3",
+                label=f"fit: slope {fit.slope:.2f} [{fit.slope_ci_low:.2f}, {fit.slope_ci_high:.2f}]")
+    ax.set(xscale="log", yscale="log", xlabel="episode (number of tasks)",
+           ylabel="trials to criterion", title="Trials to criterion")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _plot_relearning(plt, criterion, path):
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    seq = criterion[criterion["condition"] != "simultaneous"]
+    for episode, group in seq.groupby("episode"):
+        line = group.groupby("times_trained")["trials_to_criterion"].agg(geomean)
+        ax.plot(line.index, line.values, marker="o", lw=1, label=f"episode {episode}")
+    ax.set(xscale="log", yscale="log", xlabel="times trained (including this episode)",
+           ylabel="trials to criterion", title="Learning and relearning")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def _plot_accuracy(plt, epochs, path):
+    runs = list(epochs["run"].unique())[:4]
+    fig, axes = plt.subplots(len(runs), 1, figsize=(7, 2.6 * len(runs)), squeeze=False)
+    for ax, name in zip(axes[:, 0], runs):
+        run = epochs[epochs["run"] == name]
+        for task, group in run.groupby("task"):
+            ax.plot(group["cumulative_trials"], group["test_acc"], lw=1,
+                    label=f"task {task} (pos {int(group['position'].iloc[0])})")
+        ax.axhline(0.95, color="0.5", ls=":", lw=0.8)
+        ax.set(xlabel="cumulative trials", ylabel="test accuracy", title=name, ylim=(0.4, 1.01))
+        ax.legend(fontsize=6, ncol=5, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _plot_forgetting(plt, curves, path):
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for times, group in curves.groupby("times_trained"):
+        label = "new task" if times == 0 else f"trained {times}x"
+        ax.plot(group["trials"], group["test_acc"], lw=1.2, label=label)
+    ax.set(xlabel="trials of the new task alone", ylabel="test accuracy",
+           title="Forgetting by times trained")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _summary(run_dirs, written, fit, plots) -> str:
+    lines = ["# Sequential-mastery report", "", f"Runs: {len(run_dirs)}", ""]
+    per_episode = written.get("new_task_trials")
+    if per_episode is not None and len(per_episode):
+        lines += ["## New-task trials to criterion (geometric mean over runs)", "",
+                  "| episode | runs | geometric mean | min | max |", "|---|---|---|---|---|"]
+        for row in per_episode.itertuples():
+            lines.append(f"| {row.episode} | {row.runs} | {row.geomean:.0f} | {row.min:.0f} | "
+                         f"{row.max:.0f} |")
+        lines.append("")
+        if fit is not None:
+            lines += [f"Power-law fit from episode {fit.from_episode} ({fit.points} points): "
+                      f"log10 trials = {fit.intercept:.3f} {fit.slope:+.3f} log10 episode, "
+                      f"slope 95% CI [{fit.slope_ci_low:.3f}, {fit.slope_ci_high:.3f}], "
+                      f"R^2 {fit.r_squared:.3f}. "
+                      + ("New tasks get faster to learn (negative slope)." if fit.slope_ci_high < 0
+                         else "The CI does not exclude a flat or rising curve."), ""]
+    criterion = written.get("criterion")
+    if criterion is not None and len(criterion):
+        missed = criterion[~criterion["reached"]]
+        lines += [f"Episodes x tasks that never reached criterion: {len(missed)} of "
+                  f"{len(criterion)}.", ""]
+    curves = written.get("forgetting_curves")
+    if curves is not None and len(curves):
+        last = curves[curves["trials"] == curves["trials"].max()]
+        lines += ["## Forgetting", "", "| times trained | test accuracy at the end |",
+                  "|---|---|"]
+        lines += [f"| {int(r.times_trained)} | {r.test_acc:.3f} |" for r in last.itertuples()]
+        lines.append("")
+    lines += ["## Files", "", *[f"- {name}.csv" for name, f in written.items() if len(f)],
+              *[f"- {p}" for p in plots], ""]
+    return "\n".join(lines)
