@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from metacl.cli import main
 from metacl.core.config import to_yaml
 from metacl.core.experiment import execute, load_experiment_config
 
 TOY = "tests.toy_experiment"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SLOW_TOY = ["walk.steps=40", "walk.step_seconds=0.05", "walk.checkpoint_every=5"]
 
 FAULT_CASES = [
@@ -45,8 +47,18 @@ def status(run_dir: Path) -> dict:
     return json.loads((run_dir / "status.json").read_text())
 
 
+def is_timing(name: str) -> bool:
+    """Wall-clock columns and metrics, the only values a resumed run may legitimately change."""
+    return "seconds" in name
+
+
 def tables(run_dir: Path) -> dict[str, pd.DataFrame]:
-    return {p.stem: pd.read_parquet(p) for p in sorted(run_dir.glob("*.parquet"))}
+    frames = {p.stem: pd.read_parquet(p) for p in sorted(run_dir.glob("*.parquet"))}
+    return {name: f.drop(columns=[c for c in f.columns if is_timing(c)]) for name, f in frames.items()}
+
+
+def untimed(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not is_timing(k)}
 
 
 def assert_same_tables(resumed: Path, reference: Path) -> None:
@@ -68,6 +80,7 @@ def assert_kill_and_resume_matches(tmp_path: Path, experiment: str, config_file:
                                       experiment)
 
     ref_dir, reference = execute(config("reference"))
+    reference = untimed(reference)
     stopped = {}
     for kill in kills:
         name = signal.Signals(kill).name
@@ -102,7 +115,7 @@ def assert_kill_and_resume_matches(tmp_path: Path, experiment: str, config_file:
             assert after["status"] == "interrupted" and "resume with --resume" in after["error"]
             assert f"received {name}" in (run_dir / "log.txt").read_text()
         _, final = execute(stopped[kill], "resume")
-        assert final == reference, name
+        assert untimed(final) == reference, name
         assert "resumed from" in (run_dir / "log.txt").read_text()
         assert_same_tables(run_dir, ref_dir)
 
@@ -110,6 +123,34 @@ def assert_kill_and_resume_matches(tmp_path: Path, experiment: str, config_file:
 @pytest.mark.parametrize("experiment, config_file, overrides", FAULT_CASES)
 def test_kill_9_then_resume_matches_uninterrupted(tmp_path, experiment, config_file, overrides):
     assert_kill_and_resume_matches(tmp_path, experiment, config_file, overrides)
+
+
+def test_kill_9_then_resume_matches_for_a_mastery_run(tmp_path):
+    from tests.test_mastery import tiny, write_scenes
+    scenes = write_scenes(tmp_path / "scenes.h5", 400)
+    overrides = [o for o in tiny(scenes, tmp_path) if not o.startswith(("out_dir=", "quiet="))]
+    assert_kill_and_resume_matches(tmp_path, "mastery", str(CONFIGS / "mastery" / "quick.yaml"),
+                                   [*overrides, "train.criterion=0.99", "train.max_epochs_per_episode=3"])
+
+
+def test_kill_9_then_resume_matches_for_a_meta_training_run(tmp_path):
+    from PIL import Image
+    root = tmp_path / "images"
+    pixels = torch.Generator().manual_seed(0)
+    for label in range(6):
+        (root / "train" / f"class{label}").mkdir(parents=True)
+        for index in range(6):
+            image = (torch.rand(10, 10, 3, generator=pixels) * 255).to(torch.uint8).numpy()
+            Image.fromarray(image).save(root / "train" / f"class{label}" / f"{index}.png")
+    overrides = [f"data_dir={root}", "data.dataset=folder", "data.split=train", "data.image_size=10",
+                 "data.val_classes=2", "model={name: convnet, in_channels: 3, num_blocks: 2, "
+                 "num_filters: 4, norm: in, image_size: 10, num_classes: 6}",
+                 "train.episodes=30", "train.num_batches=3", "train.remember_size=4",
+                 "train.inner_params=[encoder.1, fc]", "log_every=2", "checkpoint_every=3",
+                 "eval.every=10", "eval.classes=2", "eval.train_per_class=3", "eval_steps=[]",
+                 "tracking.backends=[]"]
+    assert_kill_and_resume_matches(tmp_path, "meta-train", str(CONFIGS / "meta" / "anml.yaml"),
+                                   overrides)
 
 
 def test_sigterm_and_sigint_checkpoint_exit_cleanly_and_resume_exactly(tmp_path):
