@@ -117,6 +117,35 @@ def test_batched_sweep_equals_one_by_one_torch_adam(hidden, opt_params, reinit_p
     assert result.train_acc.shape == (4, 4, 4)  # eval points 1..4, trajectories, classes
 
 
+@pytest.mark.parametrize("eval_method", ["sequential", "iid"])
+def test_trajectory_groups_give_the_all_at_once_result(eval_method):
+    """Advancing trajectories in groups (for cache locality) changes nothing.
+
+    Adam is elementwise; the one reduction, each trajectory's logits, is a batched matmul that sums
+    the same way for any batch of 2 or more, so groups of 2+ match the all-at-once sweep bit for
+    bit. A lone trajectory takes the matrix-vector kernel, which sums in another order: float32
+    rounding, within the tolerance of the torch.optim.Adam equivalence test. (The compiled step's
+    fused reduction may also be tiled per group size: float32 rounding there too, ~1e-7 here.)
+    """
+    images, model = class_images(), Tiny()
+    results = []
+    for group in (0, 4, 1):  # all 6 at once; 4 + 2 (an uneven last group); one by one
+        config = protocol(lrs=[0.05, 0.005, 0.0005], eval_freq=2, trajectory_group=group, eval_method=eval_method,
+                          batch_size=8)
+        sweep = Sweep(model, images, config, seed=2)
+        sweep.keep_weights = True
+        results.append((sweep.run(5), torch.stack(sweep.final_weights)))
+    (together, weights), (grouped, grouped_weights), (single, single_weights) = results
+    assert weights.shape[0] == 6
+    assert torch.equal(grouped_weights, weights)
+    torch.testing.assert_close(single_weights, weights, rtol=1e-5, atol=2e-6)
+    for name in ("train_acc", "test_acc", "train_top5", "test_top5"):
+        np.testing.assert_array_equal(getattr(grouped, name), getattr(together, name))
+        np.testing.assert_array_equal(getattr(single, name), getattr(together, name))
+    with pytest.raises(ConfigError, match="trajectory_group"):
+        protocol(trajectory_group=-1)
+
+
 @pytest.mark.slow
 def test_compiled_linear_step_matches_eager():
     """torch.compile fuses the linear-head Adam step; it must agree with the eager operations."""

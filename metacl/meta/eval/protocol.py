@@ -71,6 +71,10 @@ class ProtocolConfig:
     """Minibatch size (iid only)."""
     memory_gb: float = 2.0
     """Memory for trajectory state (weights, Adam moments, temporaries); sets how many trajectories run at once."""
+    trajectory_group: int = 0
+    """Linear-head trajectories advanced together, step after step, before the next group starts
+    (0 = as many as memory_gb allows). Results do not depend on it; only speed does (see
+    benchmarks/bench_meta_eval.py --groups)."""
     compile: bool = True
     """Fuse the linear-head Adam step with torch.compile (falls back to eager ops where it cannot compile)."""
 
@@ -95,6 +99,9 @@ def check_protocol(protocol: ProtocolConfig, per_class: int | None = None) -> No
         raise ConfigError("eval_method=zero-shot learns nothing, so it needs reinit_method=lstsq")
     if protocol.init_size is not None and protocol.init_size < 1:
         raise ConfigError(f"protocol.init_size must be >= 1 or null, got {protocol.init_size}")
+    if protocol.trajectory_group < 0:
+        raise ConfigError(f"protocol.trajectory_group must be >= 0 (0 = as many as memory_gb allows), "
+                          f"got {protocol.trajectory_group}")
     if protocol.memory_gb <= 0:
         raise ConfigError(f"protocol.memory_gb must be positive, got {protocol.memory_gb}")
 
@@ -388,6 +395,8 @@ class Sweep:
         acc = {k: np.zeros(shape, dtype=np.float32) for k in ("train", "test", "train5", "test5")}
         labels = tasks.class_ids.to(self.device)
         chunk = self._chunk(6 * start[0].numel() * 4, len(lrs))
+        if p.trajectory_group:
+            chunk = min(chunk, p.trajectory_group)
         bar = progress(total=len(lrs) * classes * p.train_examples, desc=f"{self.split} {classes} classes",
                        quiet=self.quiet or p.eval_method == "zero-shot", unit="step")
         for lo in range(0, len(lrs), chunk):
