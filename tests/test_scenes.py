@@ -216,7 +216,7 @@ def test_cli_default_output_goes_to_the_data_dir(tmp_path):
     (["data", "scenes", "--num-images", "0", "--out", "x.h5"], "--num-images: must be at least 1"),
     (["data", "scenes", "--num-images", "many", "--out", "x.h5"], "expected a whole number"),
     (["data", "scenes", "--out", "x.h5"], "required: --num-images"),
-    (["data", "scenes", "--num-images", "2", "--seed", "-1", "--out", "x.h5"], "must be >= 0"),
+    (["data", "scenes", "--num-images", "2", "--seed", "-1", "--out", "x.h5"], "must be at least 0"),
     (["data", "preview", "x.h5", "--out", "p.png", "--n", "0"], "--n: must be at least 1"),
 ])
 def test_bad_cli_arguments_exit_2_with_a_message(argv, message, capsys, tmp_path, monkeypatch):
