@@ -7,7 +7,8 @@ import pytest
 from metacl.cli import main
 from metacl.core.config import ConfigError
 from metacl.core.experiment import execute, load_experiment_config
-from metacl.launch.runs import compare, load_runs, mean_ci, t_quantile
+from metacl.core.stats import mean_ci, t_quantile
+from metacl.launch.runs import compare, load_runs
 from metacl.launch.sweep import expand, parse_grid_option, parse_seeds, sweep_spec
 
 TOY = "tests.toy_experiment"

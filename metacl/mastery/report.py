@@ -16,16 +16,7 @@ import yaml
 
 from ..core import atomic
 from ..core.errors import DataError
-
-# two-sided 95% t quantiles for 1..30 degrees of freedom (beyond that the normal 1.96 is close)
-T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-       2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-       2.052, 2.048, 2.045, 2.042)
-
-
-def t95(dof: int) -> float:
-    return T95[dof - 1] if dof <= len(T95) else 1.96
-
+from ..core.stats import t_quantile
 
 @dataclass
 class PowerLaw:
@@ -59,7 +50,7 @@ def fit_power_law(points: pd.DataFrame, from_episode: int = 1) -> PowerLaw | Non
     dof = len(x) - 2
     if dof > 0:
         stderr = math.sqrt((residuals ** 2).sum() / dof / ((x - x.mean()) ** 2).sum())
-        half = t95(dof) * stderr
+        half = t_quantile(0.95, dof) * stderr
     else:
         half = math.nan
     return PowerLaw(float(slope), float(intercept), float(slope - half), float(slope + half),

@@ -15,21 +15,18 @@ import pandas as pd
 
 from ...core.atomic import atomic_path, write_text
 from ...core.errors import ConfigError
+from ...core.stats import t_quantile
 
 KEYS = ["model", "dataset", "eval_method", "reinit_method", "reinit_params", "opt_params",
         "train_examples", "test_examples"]
 """Columns that identify one evaluation setting."""
-T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042]
-"""Student-t 97.5% quantiles for 1..30 degrees of freedom (1.96 beyond)."""
 REQUIRED = KEYS + ["split", "classes", "lr", "trial", "classes_trained", "class_id", "train_acc", "test_acc"]
 
 
 def ci95(std: pd.Series | float, n: pd.Series | int) -> pd.Series | float:
     """Half-width of the 95% confidence interval of a mean of n runs (Student t)."""
     def t(count: int) -> float:
-        return float("nan") if count < 2 else (T_975[count - 2] if count - 1 <= len(T_975) else 1.96)
+        return float("nan") if count < 2 else t_quantile(0.95, count - 1)
     if isinstance(n, pd.Series):
         return std * n.map(t) / np.sqrt(n)
     return std * t(n) / math.sqrt(n)
