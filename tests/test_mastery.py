@@ -312,7 +312,7 @@ def test_quick_preset_generates_real_scenes_on_first_use(tmp_path):
 def test_quick_preset_reaches_criterion_end_to_end(tmp_path):
     _, final, tables = run_config(CONFIGS / "quick.yaml", [f"data_dir={tmp_path}",
                                                            f"out_dir={tmp_path}", "quiet=true"])
-    assert final["all_reached"] and final["episodes"] == 10
+    assert final["all_reached"] and final["episodes"] == 5
 
 
 def test_resume_after_interrupt_is_exact(scenes, tmp_path, monkeypatch):
