@@ -19,3 +19,11 @@ def omniglot_dir() -> Path:
     if not (OMNIGLOT_DIR / "images_background.zip").exists():
         pytest.skip(f"real Omniglot not found at {OMNIGLOT_DIR}")
     return OMNIGLOT_DIR
+
+
+@pytest.fixture
+def toy_config(tmp_path) -> Path:
+    """A config file for the toy experiment (tests/toy_experiment.py), running under tmp_path."""
+    path = tmp_path / "toy.yaml"
+    path.write_text(f"experiment: tests.toy_experiment\ndevice: cpu\nout_dir: {tmp_path / 'runs'}\n")
+    return path

@@ -14,13 +14,6 @@ from metacl.launch.sweep import expand, parse_grid_option, parse_seeds, sweep_sp
 TOY = "tests.toy_experiment"
 
 
-@pytest.fixture
-def toy_config(tmp_path):
-    path = tmp_path / "toy.yaml"
-    path.write_text(f"experiment: {TOY}\ndevice: cpu\nout_dir: {tmp_path / 'runs'}\n")
-    return path
-
-
 def reference(tmp_path, *overrides):
     """Final metrics of the same run executed in this process."""
     config = load_experiment_config(None, [f"out_dir={tmp_path / 'reference'}", "device=cpu",

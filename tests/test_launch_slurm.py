@@ -51,13 +51,6 @@ def slurm():
         pytest.skip(f"no Slurm cluster: {problem}")
 
 
-@pytest.fixture
-def toy_config(tmp_path):
-    path = tmp_path / "toy.yaml"
-    path.write_text(f"experiment: {TOY}\ndevice: cpu\nout_dir: {tmp_path / 'runs'}\n")
-    return path
-
-
 def reference(tmp_path, *overrides):
     config = load_experiment_config(None, [f"out_dir={tmp_path / 'reference'}", "device=cpu",
                                            "name=run", "tracking.console_every=1000",

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..tracking import build_tracker
 from . import atomic
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import to_dict, to_yaml
@@ -52,7 +53,6 @@ class Run:
         self.log = _file_logger(self.path)
         self.tables: dict[str, MetricsTable] = {}
         self.stop_requested = False
-        from ..tracking import build_tracker  # tracking depends on core, not the reverse
         self.tracker = tracker or build_tracker(config.tracking, self.path, self.path.name,
                                                 to_dict(config), self.log)
 
