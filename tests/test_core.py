@@ -63,10 +63,23 @@ def test_bad_config_names_key_and_choices(data, message):
         from_dict(Outer, data)
 
 
+@dataclass
+class Tuned:
+    inner: Inner = field(default_factory=lambda: Inner(lr=0.5, kind="b"))
+    """A section whose default differs from Inner's own defaults."""
+
+
+def test_a_sections_own_default_survives_overriding_one_of_its_keys():
+    assert from_dict(Tuned, {}).inner == Inner(lr=0.5, kind="b")
+    assert from_dict(Tuned, {"inner": {"lr": 0.25}}).inner == Inner(lr=0.25, kind="b")
+    assert from_dict(Tuned, {"inner": None}).inner == Inner()  # null: the nested class's defaults
+
+
 def test_describe_reads_field_docstrings():
     rows = {key: (default, doc) for key, _, default, doc in describe(Outer)}
     assert rows["inner.lr"] == (0.1, "Learning rate.")
     assert rows["steps"] == (3, "Number of steps.")
+    assert {key: default for key, _, default, _ in describe(Tuned)} == {"inner.lr": 0.5, "inner.kind": "b"}
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):

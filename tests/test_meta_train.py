@@ -257,6 +257,8 @@ def synthetic_pools(monkeypatch):
     images = pool(classes=8, per_class=10, seed=9, size=8)
     monkeypatch.setattr(meta_experiment, "load_pools",
                         lambda config, device: (images[:6].to(device), images[6:].to(device)))
+    test_pool = pool(classes=4, per_class=10, seed=10, size=8)
+    monkeypatch.setattr(meta_experiment, "load_test_pool", lambda config, device: test_pool.to(device))
 
 
 def tiny_config(tmp_path, algorithm, name, *extra):
@@ -266,7 +268,10 @@ def tiny_config(tmp_path, algorithm, name, *extra):
         "train.episodes=6", "train.num_batches=3", "train.remember_size=4",
         "train.inner_params=[encoder.1, fc]", "iid.max_steps=6", "iid.batch_size=8", "iid.zap_every=2",
         "iid.zap_size=2", "log_every=2", "checkpoint_every=2", "eval.every=3", "eval.classes=2",
-        "eval.train_per_class=3", "eval_steps=[4]", *extra], "meta-train")
+        "eval.train_per_class=3", "eval_steps=[4]", "data.val_classes=2", "meta_test.splits=[val, test]",
+        "meta_test.protocol.classes=[2, 4]", "meta_test.protocol.lrs=[0.001, 0.01]", "meta_test.protocol.runs=2",
+        "meta_test.protocol.train_examples=3", "meta_test.protocol.test_examples=2",
+        "meta_test.protocol.compile=false", *extra], "meta-train")
 
 
 @pytest.mark.parametrize("algorithm", ["meta", "sequential_episodic", "iid"])
@@ -299,11 +304,38 @@ def test_interrupted_and_resumed_run_ends_exactly_like_a_straight_run(tmp_path, 
                                   pd.read_parquet(resumed_path / "train.parquet").drop(columns=drop))
     pd.testing.assert_frame_equal(pd.read_parquet(straight_path / "eval.parquet"),
                                   pd.read_parquet(resumed_path / "eval.parquet"))
+    pd.testing.assert_frame_equal(pd.read_parquet(straight_path / "meta_test.parquet"),
+                                  pd.read_parquet(resumed_path / "meta_test.parquet"))
     assert len(pd.read_parquet(straight_path / "train.parquet")) == 3
     assert (straight_path / "models" / "step-4.pt").exists()
     assert straight["step"] == 6 and "val_trial_acc" in straight
     assert {k: v for k, v in straight.items() if k not in drop} == \
         {k: v for k, v in resumed.items() if k not in drop}
+
+
+def test_eval_steps_run_the_meta_test_protocol_and_report_reads_the_run(tmp_path, synthetic_pools):
+    from metacl.meta.eval.report import write_report
+    path, _ = execute(tiny_config(tmp_path, "meta", "mt", "eval_steps=[2, 6]"))
+    results = pd.read_parquet(path / "meta_test.parquet")
+    # val holds 2 classes, so its class counts cap at 2; test sweeps both counts
+    counts = results.groupby(["step", "split"])["classes"].unique().map(sorted).to_dict()
+    assert counts == {(2, "test"): [2, 4], (2, "val"): [2], (6, "test"): [2, 4], (6, "val"): [2]}
+    assert set(results["model"]) == {"convnet@step-2", "convnet@step-6"}
+    final = results[(results["classes_trained"] == results["classes"]) & (results["classes"] == 4)]
+    assert len(final) == 2 * 2 * 2 * 4  # steps x lrs x runs x classes
+    assert final["test_acc"].between(0, 1).all()
+    # the in-training meta-test is `metacl meta eval`'s: the same numbers from the saved step model
+    from metacl.meta.eval import evaluate_checkpoint
+    config = load_experiment_config(path / "config.yaml")
+    test_pool = meta_experiment.load_test_pool(config, torch.device("cpu"))
+    again = evaluate_checkpoint(load_model(path / "models" / "step-6.pt"), config.meta_test.protocol,
+                                test_pool, seed=config.seed, split="test", model_name="convnet@step-6")
+    at_6 = results[(results["step"] == 6) & (results["split"] == "test")].drop(columns="step")
+    pd.testing.assert_frame_equal(at_6.reset_index(drop=True), again, check_dtype=False)
+    files = write_report([path], tmp_path / "report")
+    selection = pd.read_csv(files["selection"])
+    assert set(selection["model"]) == {"convnet@step-2", "convnet@step-6"}
+    assert set(selection["selection"]) == {"validation", "best-on-test"}
 
 
 def test_bad_configs_are_reported(tmp_path, synthetic_pools):
@@ -315,6 +347,10 @@ def test_bad_configs_are_reported(tmp_path, synthetic_pools):
         execute(tiny_config(tmp_path, "iid", "c", "model={name: anml, num_classes: 8}"))
     with pytest.raises(ConfigError, match="algorithm"):
         tiny_config(tmp_path, "maml", "d")
+    with pytest.raises(ConfigError, match="valid splits are val and test"):
+        tiny_config(tmp_path, "meta", "e", "meta_test.splits=[train]")
+    with pytest.raises(ConfigError, match="data.val_classes is 0"):
+        tiny_config(tmp_path, "meta", "f", "data.val_classes=0")
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "meta").glob("*.yaml")),

@@ -90,11 +90,23 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         if key not in fields:
             where = f" under '{prefix.rstrip('.')}'" if prefix else ""
             raise ConfigError(f"unknown key '{prefix}{key}'; valid keys{where}: {', '.join(fields)}")
-    kwargs = {key: _coerce(hints[key], value, prefix + key) for key, value in data.items()}
+    kwargs = {}
+    for key, value in data.items():
+        default = _default(fields[key])
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            value = deep_merge(to_dict(default), value)  # keys not given keep the field's own default
+        kwargs[key] = _coerce(hints[key], value, prefix + key)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {error}") from None
+
+
+def _default(field: dataclasses.Field) -> Any:
+    """A field's default value (a fresh one for default factories), or MISSING."""
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
 
 
 def _type_name(tp: Any) -> str:
@@ -212,16 +224,20 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(key, type, default, doc) for every leaf field, nested sections flattened with dots."""
+def describe(cls: type, prefix: str = "", instance: Any = None) -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, doc) for every leaf field, nested sections flattened with dots.
+
+    Defaults are read from an instance, so a section whose default factory sets its own values
+    (e.g. a smaller protocol) shows those.
+    """
     rows = []
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
-    instance = cls()
+    instance = cls() if instance is None else instance
     for field in dataclasses.fields(cls):
         tp = hints[field.name]
         if dataclasses.is_dataclass(tp):
-            rows.extend(describe(tp, f"{prefix}{field.name}."))
+            rows.extend(describe(tp, f"{prefix}{field.name}.", getattr(instance, field.name)))
         else:
             rows.append((prefix + field.name, _type_name(tp), getattr(instance, field.name),
                          docs.get(field.name, "")))

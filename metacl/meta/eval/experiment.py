@@ -152,13 +152,14 @@ def evaluate_checkpoint(model: nn.Module, protocol: ProtocolConfig, images: torc
                         quiet: bool = True, log: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Meta-test `model` on `images` (C, K, channels, H, W) for every class count of `protocol`.
 
-    For meta-training's periodic evaluations: returns the tidy results table (see `result_frame`);
+    For meta-training's evaluations at its eval_steps: returns the tidy results table (see `result_frame`);
     `report.final_accuracy(frame)` reduces it to one accuracy per class count and LR. The model is
     copied, never modified.
     """
     sweep = Sweep(model, images, protocol, seed, split, quiet=quiet, log=log)
     info = describe(protocol, model_name, dataset)
-    return pd.concat([result_frame(sweep.run(c), info, c, split) for c in protocol.classes], ignore_index=True)
+    counts = sweep_counts(protocol, split, images.shape[0])
+    return pd.concat([result_frame(sweep.run(c), info, c, split) for c in counts], ignore_index=True)
 
 
 # ------------------------------------------------------------------------------- the run

@@ -32,13 +32,18 @@ def ci95(std: pd.Series | float, n: pd.Series | int) -> pd.Series | float:
     return std * t(n) / math.sqrt(n)
 
 
+RESULT_FILES = ("results.parquet", "meta_test.parquet")
+"""A run directory's results: a meta-eval run's, or the meta-tests of a meta-train run's eval_steps."""
+
+
 def read_results(paths: list[str | Path]) -> pd.DataFrame:
-    """Concatenate results tables given as parquet files or meta-eval run directories."""
+    """Concatenate results tables given as parquet files, meta-eval or meta-train run directories."""
     frames = []
     for path in map(Path, paths):
-        file = path / "results.parquet" if path.is_dir() else path
+        file = next((path / n for n in RESULT_FILES if (path / n).is_file()), path) if path.is_dir() else path
         if not file.is_file():
-            raise ConfigError(f"no results at {path}: give a results .parquet file or a meta-eval run directory")
+            raise ConfigError(f"no results at {path}: give a results .parquet file, a meta-eval run directory "
+                              f"or a meta-train run directory whose config sets meta_test.splits")
         frame = pd.read_parquet(file)
         missing = [c for c in REQUIRED if c not in frame.columns]
         if missing:

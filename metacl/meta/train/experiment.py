@@ -5,6 +5,9 @@ Tables in the run directory:
                     accuracy and gradient norm (episodic), or loss/accuracy/lr (iid)
     eval.parquet    every `eval_every` steps: continual-trial accuracy on the training pool and
                     on the held-out validation pool
+    meta_test.parquet  at each of `eval_steps`, when `meta_test.splits` is set: the meta-test
+                    protocol's tidy results (as `metacl meta eval` writes them) plus `step`;
+                    `metacl meta report RUN_DIR` reads it, one model per step
 Models: `model.pt` at the end and `models/step-<n>.pt` at each of `eval_steps` (registry
 checkpoints: state dict + model spec), plus `checkpoints/last.pt` (model, optimiser and RNG
 state) every `checkpoint_every` steps, so `--resume` continues exactly.
@@ -22,6 +25,9 @@ from ...core.experiment import ExperimentConfig
 from ...core.progress import progress
 from ...core.seeding import derive_seed, generator_state, set_generator_state, torch_generator
 from ...models import build_model, save_model, select_parameters
+from ..eval.experiment import evaluate_checkpoint
+from ..eval.protocol import ProtocolConfig
+from ..eval.report import final_accuracy
 from .algorithms import Algorithm, EpisodicTrainer, IIDTrainer
 from .episodes import EpisodeSampler, SampleMethod
 from .functional import FunctionalModel, continual_trial, zap_rows
@@ -118,6 +124,19 @@ class EvalConfig:
 
 
 @dataclass
+class MetaTestConfig:
+    """The meta-test (`metacl meta eval`'s protocol) run on the model at each of `eval_steps`."""
+
+    splits: list[str] = field(default_factory=list)
+    """Class pools to meta-test: val (the held-out meta-training classes, needs data.val_classes)
+    and/or test (`test_split` of the dataset); [] runs no meta-test (the model is still saved)."""
+    test_split: str = "evaluation"
+    """Dataset split of the test pool (never trained on)."""
+    protocol: ProtocolConfig = field(default_factory=lambda: ProtocolConfig(classes=[10, 50], runs=3))
+    """Protocol and sweep; smaller than the full reference sweep, which `metacl meta eval` runs."""
+
+
+@dataclass
 class Config(ExperimentConfig):
     experiment: str = "meta-train"
     """Which experiment this config runs."""
@@ -138,7 +157,17 @@ class Config(ExperimentConfig):
     checkpoint_every: int = 500
     """Steps between resumable checkpoints."""
     eval_steps: list[int] = field(default_factory=list)
-    """Steps at which the model is also saved as models/step-<n>.pt (and checkpointed)."""
+    """Steps at which the model is saved as models/step-<n>.pt (and checkpointed) and meta-tested."""
+    meta_test: MetaTestConfig = field(default_factory=MetaTestConfig)
+    """The meta-test run at each of `eval_steps`."""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.meta_test.splits) - {"val", "test"}
+        if unknown:
+            raise ConfigError(f"meta_test.splits has {sorted(unknown)}: valid splits are val and test")
+        if "val" in self.meta_test.splits and not self.data.val_classes:
+            raise ConfigError("meta_test.splits includes val, but data.val_classes is 0: hold out "
+                              "validation classes (e.g. data.val_classes=100) or drop val")
 
 
 def load_pools(config: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -151,6 +180,13 @@ def load_pools(config: Config, device: torch.device) -> tuple[torch.Tensor, torc
         return data.images, None
     train, val = split_classes(data, config.data.val_classes, config.seed)
     return train.images, val.images
+
+
+def load_test_pool(config: Config, device: torch.device) -> torch.Tensor:
+    """The meta-test classes' images (`meta_test.test_split`), resident on `device`."""
+    from ..data import load_dataset
+    return load_dataset(config.data.dataset, config.meta_test.test_split, size=config.data.image_size,
+                        data_dir=config.data_dir, device=device, quiet=config.quiet).images
 
 
 def augmenter(config: Config, generator: torch.Generator):
@@ -258,6 +294,23 @@ def run(config: Config, run) -> dict:
             run.tracker.log({f"meta_train/{pool_name}_trial_acc": acc}, step)
         model.train(was_training)
 
+    test_pool: list[torch.Tensor] = []  # loaded at the first meta-test that needs it
+
+    def meta_test() -> None:
+        for split in config.meta_test.splits:
+            if split == "test" and not test_pool:
+                test_pool.append(load_test_pool(config, device))
+            images = val_images if split == "val" else test_pool[0]
+            frame = evaluate_checkpoint(model, config.meta_test.protocol, images, seed=config.seed,
+                                        split=split, model_name=f"{config.model.get('name')}@step-{step}",
+                                        dataset=config.data.dataset, log=run.log.info)
+            run.table("meta_test").append(frame.assign(step=step).to_dict("records"))
+            best = final_accuracy(frame).groupby(["classes", "lr"])["test_acc"].mean()
+            for classes, by_lr in best.groupby(level="classes"):
+                run.tracker.log({f"meta_test/{split}_{classes}_classes_best_acc": float(by_lr.max())}, step)
+                run.log.info("meta-test at step %d, %s, %d classes: best mean test accuracy %.4f",
+                             step, split, classes, by_lr.max())
+
     started = time.perf_counter()
     bar = progress(total=total, initial=step, desc=config.algorithm, quiet=config.quiet,
                    unit="ep" if episodic else "step")
@@ -289,6 +342,7 @@ def run(config: Config, run) -> dict:
             evaluate()
         if step in config.eval_steps:
             save_model(model, run.path / "models" / f"step-{step}.pt", step=step)
+            meta_test()
             checkpoint(f"step-{step}")
         if step % config.checkpoint_every == 0 or step == total or run.stop_requested:
             checkpoint()
