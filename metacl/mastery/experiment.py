@@ -265,7 +265,7 @@ def build(config: Config, data: scene_data.SceneTensors, device: torch.device):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(config.seed, "model-init"))
         try:
-            model = build_model(spec).to(device)
+            model = build_model(spec).to(device, memory_format=torch.channels_last)  # see SceneTensors.batch
         except ValueError as error:
             raise ConfigError(f"model: {error}") from None
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr,
