@@ -7,7 +7,8 @@ Frozen: times `steps` sequential steps of all T trajectories of a 1000 x 2305 li
 plus bias) and one evaluation of every trajectory on 600 classes (12,000 images), then
 extrapolates to the full 600-class sweep (9,000 steps + final evaluation). The dense Adam update
 touches T x 1000 x 2305 parameters per step (read W, m, v; write W, m, v), so it is memory-bound:
-the script prints the achieved ns per parameter update and GB/s.
+the script prints the achieved ns per parameter update and GB/s. `adam_floor.c` beside it
+measures the arithmetic alone (state held in cache), the floor under any exact implementation.
 
 Groups (--groups 1,2,4,8,120): the same fused step on groups of G trajectories, each group
 advanced on its own (as protocol.trajectory_group=G runs the sweep): a small group keeps its
