@@ -305,11 +305,11 @@ def run(config: Config, run) -> dict:
                                         split=split, model_name=f"{config.model.get('name')}@step-{step}",
                                         dataset=config.data.dataset, log=run.log.info)
             run.table("meta_test").append(frame.assign(step=step).to_dict("records"))
-            best = final_accuracy(frame).groupby(["classes", "lr"])["test_acc"].mean()
-            for classes, by_lr in best.groupby(level="classes"):
-                run.tracker.log({f"meta_test/{split}_{classes}_classes_best_acc": float(by_lr.max())}, step)
-                run.log.info("meta-test at step %d, %s, %d classes: best mean test accuracy %.4f",
-                             step, split, classes, by_lr.max())
+            means = final_accuracy(frame).groupby(["classes", "lr"])["test_acc"].mean()
+            for classes, by_lr in means.groupby(level="classes"):  # the best LR on these very results
+                run.tracker.log({f"meta_test/{split}_{classes}_classes_best_lr_acc": float(by_lr.max())}, step)
+                run.log.info("meta-test at step %d, %s split, %d classes: held-out image accuracy %.4f "
+                             "at its best LR %g", step, split, classes, by_lr.max(), by_lr.idxmax()[1])
 
     started = time.perf_counter()
     bar = progress(total=total, initial=step, desc=config.algorithm, quiet=config.quiet,
