@@ -23,8 +23,10 @@ from ...core.checkpoint import load_checkpoint
 from ...core.errors import ConfigError, RunInterrupted
 from ...core.experiment import ExperimentConfig
 from .protocol import ProtocolConfig, Sweep, SweepResult, check_protocol
-from .report import final_accuracy, select_learning_rates
+from .report import best_learning_rates, select_learning_rates
 
+SPLITS = ("val", "test")
+"""Class pools a meta-test can run on: held-out meta-training classes (LR selection) and the test split."""
 MODEL_FILES = ("model.pt", "checkpoints/model.pt", "checkpoints/last.pt")
 """Where a run directory's final model is looked for, in this order."""
 
@@ -69,8 +71,8 @@ class Config(ExperimentConfig):
     def __post_init__(self) -> None:
         if self.checkpoint:
             resolve_checkpoint(self.checkpoint)
-        if not self.splits or set(self.splits) - {"val", "test"}:
-            raise ConfigError(f"splits={self.splits}: valid splits are val and test")
+        if not self.splits or set(self.splits) - set(SPLITS):
+            raise ConfigError(f"splits={self.splits}: valid splits are {' and '.join(SPLITS)}")
 
 
 # ------------------------------------------------------------------------------- checkpoints
@@ -220,12 +222,11 @@ def run(config: Config, run) -> dict:
                 continue
             frame = result_frame(sweep.run(classes), info, classes, split)
             table.append(frame.to_dict("records"))
-            final = final_accuracy(frame)
-            best = final.groupby("lr")["test_acc"].mean()
-            run.tracker.log({f"{split}/best_test_acc": float(best.max()),
-                             f"{split}/best_lr": float(best.idxmax())}, classes)
+            best = best_learning_rates(frame).iloc[0]
+            run.tracker.log({f"{split}/best_test_acc": float(best.test_acc), f"{split}/best_lr": float(best.lr)},
+                            classes)
             run.log.info("%s, %d classes: best mean test accuracy %.4f at lr %g", split, classes,
-                         best.max(), best.idxmax())
+                         best.test_acc, best.lr)
             state["done"].append(key)
             run.save_checkpoint(state)
             if run.stop_requested:

@@ -61,6 +61,14 @@ def final_accuracy(frame: pd.DataFrame) -> pd.DataFrame:
     return final.groupby(keys, as_index=False)[["train_acc", "test_acc"]].mean()
 
 
+def best_learning_rates(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per class count: the LR with the best mean final held-out-image accuracy on these very
+    results, and that accuracy (columns classes, lr, test_acc). For progress logs only: it is
+    selected on the data it reports (see select_learning_rates for honest selection)."""
+    means = final_accuracy(frame).groupby(["classes", "lr"])["test_acc"].mean().reset_index()
+    return means.loc[means.groupby("classes")["test_acc"].idxmax()].reset_index(drop=True)
+
+
 def trajectory_accuracy(frame: pd.DataFrame) -> pd.DataFrame:
     """Accuracy at every evaluation point, over all classes and over the classes seen so far."""
     seen = frame["class_id"] < frame["classes_trained"]

@@ -14,6 +14,7 @@ state) every `checkpoint_every` steps, so `--resume` continues exactly.
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -25,9 +26,9 @@ from ...core.experiment import ExperimentConfig
 from ...core.progress import progress
 from ...core.seeding import derive_seed, generator_state, set_generator_state, torch_generator
 from ...models import build_model, save_model, select_parameters
-from ..eval.experiment import evaluate_checkpoint
+from ..eval.experiment import SPLITS, evaluate_checkpoint
 from ..eval.protocol import ProtocolConfig
-from ..eval.report import final_accuracy
+from ..eval.report import best_learning_rates
 from .algorithms import Algorithm, EpisodicTrainer, IIDTrainer
 from .episodes import EpisodeSampler, SampleMethod
 from .functional import FunctionalModel, continual_trial, zap_rows
@@ -162,9 +163,9 @@ class Config(ExperimentConfig):
     """The meta-test run at each of `eval_steps`."""
 
     def __post_init__(self) -> None:
-        unknown = set(self.meta_test.splits) - {"val", "test"}
+        unknown = set(self.meta_test.splits) - set(SPLITS)
         if unknown:
-            raise ConfigError(f"meta_test.splits has {sorted(unknown)}: valid splits are val and test")
+            raise ConfigError(f"meta_test.splits has {sorted(unknown)}: valid splits are {' and '.join(SPLITS)}")
         if "val" in self.meta_test.splits and not self.data.val_classes:
             raise ConfigError("meta_test.splits includes val, but data.val_classes is 0: hold out "
                               "validation classes (e.g. data.val_classes=100) or drop val")
@@ -294,22 +295,19 @@ def run(config: Config, run) -> dict:
             run.tracker.log({f"meta_train/{pool_name}_trial_acc": acc}, step)
         model.train(was_training)
 
-    test_pool: list[torch.Tensor] = []  # loaded at the first meta-test that needs it
+    test_pool = functools.cache(lambda: load_test_pool(config, device))  # loaded at the first meta-test
 
     def meta_test() -> None:
         for split in config.meta_test.splits:
-            if split == "test" and not test_pool:
-                test_pool.append(load_test_pool(config, device))
-            images = val_images if split == "val" else test_pool[0]
+            images = val_images if split == "val" else test_pool()
             frame = evaluate_checkpoint(model, config.meta_test.protocol, images, seed=config.seed,
                                         split=split, model_name=f"{config.model.get('name')}@step-{step}",
                                         dataset=config.data.dataset, log=run.log.info)
             run.table("meta_test").append(frame.assign(step=step).to_dict("records"))
-            means = final_accuracy(frame).groupby(["classes", "lr"])["test_acc"].mean()
-            for classes, by_lr in means.groupby(level="classes"):  # the best LR on these very results
-                run.tracker.log({f"meta_test/{split}_{classes}_classes_best_lr_acc": float(by_lr.max())}, step)
+            for best in best_learning_rates(frame).itertuples():
+                run.tracker.log({f"meta_test/{split}_{best.classes}_classes_best_lr_acc": float(best.test_acc)}, step)
                 run.log.info("meta-test at step %d, %s split, %d classes: held-out image accuracy %.4f "
-                             "at its best LR %g", step, split, classes, by_lr.max(), by_lr.idxmax()[1])
+                             "at its best LR %g", step, split, best.classes, best.test_acc, best.lr)
 
     started = time.perf_counter()
     bar = progress(total=total, initial=step, desc=config.algorithm, quiet=config.quiet,
