@@ -193,28 +193,104 @@ def test_normalisation_uses_training_images_only():
 
 
 # ---------------------------------------------------------------------------------- runs
+# Whether a tiny model passes a criterion within a budget depends on the last bits of its float
+# arithmetic, which differ between CPUs (oneDNN picks other kernels). So the criterion logic is
+# driven by scripted test accuracies (exact on any CPU), and real runs are checked only for
+# invariants that hold whatever epoch a task happens to pass in.
+
+def scripted_evaluate(script: list[list[float]]):
+    """An `evaluate` that returns the next scripted accuracy list (one entry per task) per call."""
+    calls = iter(script)
+
+    def evaluate(model, data, tasks, batch_size):
+        acc = next(calls)
+        assert len(acc) == len(tasks), (acc, tasks)
+        return {"acc": list(acc), "loss": [1.0 - a for a in acc]}
+    return evaluate
+
+
+def test_episode_logic_follows_scripted_test_accuracies(scenes, tmp_path, monkeypatch):
+    """Criterion 0.75: an episode ends at the first epoch where every seen task passes; each
+    task's epochs to criterion is its first passing epoch even when it later drops again."""
+    monkeypatch.setattr(mastery, "evaluate", scripted_evaluate([
+        [0.5], [0.8],                                   # episode 1 (a): passes at epoch 2
+        [0.6, 0.9], [0.7, 0.6], [0.8, 0.9],             # episode 2 (b, a): b at 3, a first at 1
+        [0.9, 0.9, 0.9]]))                              # episode 3 (c, a, b): all at epoch 1
+    _, final, tables = run_config(None, tiny(scenes, tmp_path, "train.criterion=0.75",
+                                             "train.max_epochs_per_episode=20"))
+    epochs, criterion = tables["epochs"], tables["criterion"]
+    assert final["episodes"] == 3 and final["epochs"] == 6 and final["all_reached"]
+    assert epochs.groupby("episode")["epoch_in_episode"].max().tolist() == [2, 3, 1]
+    assert criterion["epochs_to_criterion"].tolist() == [2, 3, 1, 1, 1, 1]
+    assert criterion["trials_per_epoch"].tolist() == [360, 180, 180, 180, 90, 90]
+    assert (criterion["trials_to_criterion"]
+            == criterion["epochs_to_criterion"] * criterion["trials_per_epoch"]).all()
+    assert criterion["times_trained"].tolist() == [1, 1, 2, 1, 3, 2]
+    assert epochs.groupby("epoch")["trials"].sum().eq(360).all()
+    assert epochs["cumulative_trials"].max() == 360 * 6
+    assert final["new_task_trials"] == [720, 540, 180]
+
+
+def test_epoch_cap_and_new_task_criterion_follow_scripted_accuracies(scenes, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setattr(mastery, "evaluate", scripted_evaluate(
+        [[0.5], [0.6], [0.5, 0.9], [0.6, 0.5], [0.9, 0.9, 0.1], [0.9, 0.6, 0.2]]))
+    _, final, tables = run_config(None, tiny(scenes, tmp_path, "train.criterion=0.75",
+                                             "train.max_epochs_per_episode=2"))
+    criterion = tables["criterion"]
+    assert final["episodes"] == 3 and not final["all_reached"]
+    assert criterion["episode_epochs"].tolist() == [2] * 6
+    assert not criterion["episode_passed"].any()
+    assert criterion["reached"].tolist() == [False, False, True, True, True, False]
+    assert criterion["trials_to_criterion"].isna().tolist() == [True, True, False,
+                                                                False, False, True]
+    # criterion_tasks=new: only the new task is judged, so episode 3 passes at its first epoch
+    monkeypatch.setattr(mastery, "evaluate", scripted_evaluate(
+        [[0.5], [0.9], [0.8, 0.1], [0.9, 0.9, 0.1]]))
+    _, final, tables = run_config(CONFIGS / "quick" / "new-task-criterion.yaml",
+                                  tiny(scenes, tmp_path / "new", "train.criterion=0.75",
+                                       "train.max_epochs_per_episode=20"))
+    criterion = tables["criterion"]
+    assert criterion.groupby("episode")["episode_epochs"].first().tolist() == [2, 1, 1]
+    assert criterion["episode_passed"].all() and not final["all_reached"]
+
+
 @pytest.fixture(scope="module")
 def sequential_runs(scenes, tmp_path_factory) -> list[tuple[Path, dict, dict]]:
-    """Two finished sequential runs (seeds 1, 2) that reach a 0.75 criterion."""
+    """Two finished real sequential runs (seeds 1, 2) with a 0.75 criterion."""
     out = tmp_path_factory.mktemp("runs")
     return [run_config(None, tiny(scenes, out, f"seed={seed}", "train.criterion=0.75",
                                   "train.max_epochs_per_episode=20")) for seed in (1, 2)]
 
 
-def test_episode_ends_at_criterion_and_trials_follow(sequential_runs):
+def assert_episodes_end_at_first_pass_or_cap(epochs: pd.DataFrame, criterion: float, cap: int,
+                                             new_only: bool = False) -> None:
+    """Each episode ends at its first epoch where the judged tasks all pass, else at the cap."""
+    for _, rows in epochs.groupby("episode"):
+        judged = rows[rows["is_new"]] if new_only else rows
+        by_epoch = judged.groupby("epoch_in_episode")["test_acc"].min()
+        passed = by_epoch[by_epoch > criterion]
+        end = passed.index.min() if len(passed) else cap
+        assert by_epoch.index.max() == min(end, cap)
+        assert list(by_epoch.index) == list(range(1, by_epoch.index.max() + 1))
+
+
+def test_real_runs_keep_the_criterion_invariants(sequential_runs):
+    """Whatever epoch a task passes in on this CPU, the tables agree with the rule."""
     for _, final, tables in sequential_runs:
         epochs, criterion = tables["epochs"], tables["criterion"]
-        assert final["episodes"] == 3 and final["all_reached"]
+        assert final["episodes"] == 3
+        assert final["all_reached"] == bool(criterion["reached"].all())
+        assert_episodes_end_at_first_pass_or_cap(epochs, 0.75, 20)
         for episode, rows in epochs.groupby("episode"):
-            by_epoch = rows.groupby("epoch_in_episode")["test_acc"].min()
-            passed = by_epoch[by_epoch > 0.75]
-            assert by_epoch.index.max() == passed.index.min()           # ends at first pass
             assert rows.groupby("epoch_in_episode")["trials"].sum().eq(360).all()
             for row in criterion[criterion["episode"] == episode].itertuples():
                 task_rows = rows[rows["task"] == row.task]
                 first = task_rows[task_rows["test_acc"] > 0.75]["epoch_in_episode"].min()
-                assert row.epochs_to_criterion == first
-                assert row.trials_to_criterion == first * row.trials_per_epoch
+                assert row.reached == (not math.isnan(first))
+                if row.reached:
+                    assert row.epochs_to_criterion == first
+                    assert row.trials_to_criterion == first * row.trials_per_epoch
                 assert row.times_trained == episode - row.position + 1
         new = criterion[criterion["is_new"]]
         assert list(new["trials_per_epoch"]) == [360, 180, 180]
@@ -222,19 +298,11 @@ def test_episode_ends_at_criterion_and_trials_follow(sequential_runs):
         assert epochs["cumulative_trials"].max() == 360 * epochs["epoch"].max()
 
 
-def test_new_task_criterion_and_epoch_cap(scenes, tmp_path):
+def test_real_new_task_criterion_run_keeps_the_invariants(scenes, tmp_path):
     _, _, tables = run_config(CONFIGS / "quick" / "new-task-criterion.yaml",
                               tiny(scenes, tmp_path, "train.criterion=0.75",
                                    "train.max_epochs_per_episode=20"))
-    for _, rows in tables["epochs"].groupby("episode"):
-        new = rows[rows["is_new"]].set_index("epoch_in_episode")["test_acc"]
-        assert new.index.max() == new[new > 0.75].index.min()
-    _, final, tables = run_config(None, tiny(scenes, tmp_path / "cap", "train.criterion=0.999",
-                                             "train.max_epochs_per_episode=1"))
-    criterion = tables["criterion"]
-    assert final["episodes"] == 3 and tables["epochs"]["epoch"].max() == 3
-    assert (criterion["episode_epochs"] == 1).all() and not criterion["episode_passed"].any()
-    assert criterion["trials_to_criterion"].isna().all() and not final["all_reached"]
+    assert_episodes_end_at_first_pass_or_cap(tables["epochs"], 0.75, 20, new_only=True)
 
 
 QUICK_CONDITIONS = sorted(p.name for p in (CONFIGS / "quick").glob("*.yaml"))

@@ -57,6 +57,15 @@ def class_images(classes: int = 30, per_class: int = 20, seed: int = 0) -> torch
     return (prototypes + 0.3 * torch.rand(classes, per_class, 1, 8, 8, generator=generator)).clamp(0, 1)
 
 
+def assert_accuracies_agree(a: np.ndarray, b: np.ndarray) -> None:
+    """Two computations that agree to float32 rounding can still flip an argmax where two logits
+    tie to the last bits, and where they tie depends on the CPU's kernels: allow a rare flip."""
+    assert a.shape == b.shape
+    differ = ~np.isclose(a, b, rtol=0, atol=1e-9)
+    assert differ.mean() <= 0.01, f"{differ.sum()} of {differ.size} accuracies differ"
+    assert np.abs(a - b).max(initial=0.0) <= 0.25
+
+
 def protocol(**changes) -> ProtocolConfig:
     base = dict(classes=[4], lrs=[0.01, 0.001], runs=2, compile=False)
     return ProtocolConfig(**{**base, **changes})
@@ -121,11 +130,11 @@ def test_batched_sweep_equals_one_by_one_torch_adam(hidden, opt_params, reinit_p
 def test_trajectory_groups_give_the_all_at_once_result(eval_method):
     """Advancing trajectories in groups (for cache locality) changes nothing.
 
-    Adam is elementwise; the one reduction, each trajectory's logits, is a batched matmul that sums
-    the same way for any batch of 2 or more, so groups of 2+ match the all-at-once sweep bit for
-    bit. A lone trajectory takes the matrix-vector kernel, which sums in another order: float32
-    rounding, within the tolerance of the torch.optim.Adam equivalence test. (The compiled step's
-    fused reduction may also be tiled per group size: float32 rounding there too, ~1e-7 here.)
+    Adam is elementwise; the one reduction, each trajectory's logits, is a batched matmul. Whether
+    it sums in the same order for every batch size depends on the CPU's BLAS kernels (on the
+    machines tried, groups of 2+ matched bit for bit and a lone trajectory, which takes the
+    matrix-vector kernel, did not), so every grouping is held to float32 rounding, the tolerance
+    of the torch.optim.Adam equivalence test, and the accuracies to a rare argmax flip.
     """
     images, model = class_images(), Tiny()
     results = []
@@ -137,11 +146,11 @@ def test_trajectory_groups_give_the_all_at_once_result(eval_method):
         results.append((sweep.run(5), torch.stack(sweep.final_weights)))
     (together, weights), (grouped, grouped_weights), (single, single_weights) = results
     assert weights.shape[0] == 6
-    assert torch.equal(grouped_weights, weights)
+    torch.testing.assert_close(grouped_weights, weights, rtol=1e-5, atol=2e-6)
     torch.testing.assert_close(single_weights, weights, rtol=1e-5, atol=2e-6)
     for name in ("train_acc", "test_acc", "train_top5", "test_top5"):
-        np.testing.assert_array_equal(getattr(grouped, name), getattr(together, name))
-        np.testing.assert_array_equal(getattr(single, name), getattr(together, name))
+        assert_accuracies_agree(getattr(grouped, name), getattr(together, name))
+        assert_accuracies_agree(getattr(single, name), getattr(together, name))
     with pytest.raises(ConfigError, match="trajectory_group"):
         protocol(trajectory_group=-1)
 
@@ -156,7 +165,7 @@ def test_compiled_linear_step_matches_eager():
         sweep.keep_weights = True
         results.append((sweep.run(4), torch.stack(sweep.final_weights)))
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=2e-6)
-    np.testing.assert_array_equal(results[1][0].test_acc, results[0][0].test_acc)
+    assert_accuracies_agree(results[1][0].test_acc, results[0][0].test_acc)
 
 
 def test_seen_and_unseen_classes_are_reported_apart():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import importlib.metadata
 import platform
 import socket
@@ -29,6 +30,28 @@ def git_commit(directory: Path | None = None) -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (float results can differ between CPU models in the last bits)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware_summary(device: torch.device | str | None = None) -> str:
+    """One line naming what a benchmark ran on: CPU, cores, torch threads, torch version, device."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    line = (f"hardware: {cpu_model()}, {cores} cores, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, device {device}")
+    if device.type == "cuda":
+        line += f" ({torch.cuda.get_device_name(device)})"
+    return line
+
+
 def environment(device: torch.device | str | None = None) -> dict:
     versions = {}
     for name in PACKAGES:
@@ -47,6 +70,7 @@ def environment(device: torch.device | str | None = None) -> dict:
         "packages": versions,
         "device": str(device) if device is not None else None,
         "gpu": gpu,
+        "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "git_commit": git_commit(),
     }
