@@ -9,8 +9,9 @@ from metacl.core.errors import ConfigError, DataError
 from metacl.scenes import generate as generate_module
 from metacl.scenes.features import COLOURS, DIMENSIONS, FEATURES, dimension_of, feature_index
 from metacl.scenes.generate import ensure_scenes, generate_scenes, valid_layouts
-from metacl.scenes.h5 import SceneWriter, labels_from_objects, load_scenes, partial_path
+from metacl.scenes.h5 import OBJECT_DATASETS, SceneWriter, labels_from_objects, load_scenes, partial_path
 from metacl.scenes.layout import layout_to_D
+from metacl.scenes.preview import write_preview
 from metacl.scenes.render import SceneRenderer
 
 SEED = 3
@@ -48,8 +49,10 @@ def test_file_has_the_reference_layout_and_metacl_attributes(scenes_file):
         assert f["Q"].dtype == np.uint8 and f["Q"].shape == (COUNT, 30, 30)
         assert (f["Q"][()] == np.eye(30, dtype=np.uint8)).all()
         assert [p.decode() for p in f["properties"][()]] == list(FEATURES)
+        for name, (_, dtype, tail, _) in OBJECT_DATASETS.items():   # extra, per-object metadata
+            assert f[name].dtype == dtype and f[name].shape == (COUNT, 5, *tail)
     attrs = load_scenes(scenes_file, limit=2).attrs
-    assert attrs["metacl_format_version"] == 1 and attrs["metacl_seed"] == SEED
+    assert attrs["metacl_format_version"] == 2 and attrs["metacl_seed"] == SEED
     assert (attrs["metacl_height"], attrs["metacl_width"], attrs["metacl_num_images"]) == (120, 160, COUNT)
     assert attrs["metacl_complete"] == 1 and attrs["metacl_generator"]["objects"] == [4, 5]
 
@@ -69,10 +72,17 @@ def test_labels_follow_objects_and_scene_rules_hold(scenes):
     assert scenes.X.std() > 20 and len({x.tobytes() for x in scenes.X}) == COUNT
 
 
+def same_objects(a, b):
+    """Identical per-object metadata (NaN fill values compare equal)."""
+    return all(np.array_equal(getattr(a, name), getattr(b, name), equal_nan=True)
+               for name in a.__dataclass_fields__)
+
+
 def test_same_seed_gives_identical_bytes_whatever_the_batch_size(scenes, tmp_path):
     again = load_scenes(generate_scenes(tmp_path / "b.h5", 10, seed=SEED, batch_size=3, quiet=True))
     assert np.array_equal(again.X, scenes.X[:10]) and np.array_equal(again.D, scenes.D[:10])
     assert np.array_equal(again.y, scenes.y[:10])
+    assert same_objects(again.objects, scenes.objects.select(slice(10)))
     other = load_scenes(generate_scenes(tmp_path / "c.h5", 10, seed=SEED + 1, quiet=True))
     assert not np.array_equal(other.D, scenes.D[:10])
 
@@ -81,6 +91,7 @@ def test_worker_processes_give_identical_bytes(scenes, tmp_path):
     parallel = load_scenes(generate_scenes(tmp_path / "w.h5", 12, seed=SEED, batch_size=4, workers=2,
                                            quiet=True))
     assert np.array_equal(parallel.X, scenes.X[:12]) and np.array_equal(parallel.D, scenes.D[:12])
+    assert same_objects(parallel.objects, scenes.objects.select(slice(12)))
 
 
 def test_every_object_keeps_enough_visible_pixels(scenes):
@@ -92,6 +103,47 @@ def test_every_object_keeps_enough_visible_pixels(scenes):
     assert (visible[~layout.present] == 0).all()
     # The check is live: the smallest object of some image is near the threshold, not far above it.
     assert visible[layout.present].min() < 1000
+
+
+def test_object_metadata_matches_the_layout_and_the_renderer(scenes):
+    renderer = SceneRenderer(120, 160)
+    layout = valid_layouts(SEED, np.arange(COUNT), renderer)
+    objects, present = scenes.objects, layout.present
+    assert len(objects) == COUNT and np.array_equal(present, scenes.D[:, :, 0] != 255)
+    # Absent slots hold the fill values, present ones real values.
+    for name in ("position", "rotation", "depth", "pixel_centre", "visible_pixels"):
+        values = getattr(objects, name)
+        assert np.isnan(values[~present]).all() and np.isfinite(values[present]).all()
+    assert (objects.box[~present] == -1).all() and (objects.box[present] >= 0).all()
+    # Scene description: ground position, orientation in degrees, distance along the view axis.
+    assert np.allclose(objects.position[present], layout.position[present], atol=1e-6)
+    assert np.allclose(objects.rotation[present], layout.rotation[present] * 30.0)
+    assert np.allclose(objects.depth[present], renderer.depth(layout.position)[present], rtol=1e-6)
+    assert (objects.depth[present] > 7).all() and (objects.depth[present] < 13).all()
+    # Visible counts are the renderer's visibility (which the >= 700 rule checked).
+    visible = renderer.visibility(layout).numpy()
+    assert np.allclose(objects.visible_pixels[present], visible[present], rtol=1e-5)
+    assert (objects.visible_pixels[present] >= 700).all()
+    # Each box contains every pixel its object covers (so all of its visible pixels), and is tight.
+    coverage = renderer.coverage(layout).numpy()
+    rows, cols = np.arange(120)[:, None], np.arange(160)[None, :]
+    for image, slot in zip(*np.nonzero(present)):
+        left, top, right, bottom = objects.box[image, slot]
+        covered = coverage[image, slot] > 0
+        inside = (cols >= left) & (cols < right) & (rows >= top) & (rows < bottom)
+        assert covered.any() and not (covered & ~inside).any()
+        assert covered[:, left].any() and covered[:, right - 1].any()
+        assert covered[top].any() and covered[bottom - 1].any()
+        x, y = objects.pixel_centre[image, slot]
+        assert left <= x <= right and top <= y <= bottom
+        # Pixels only this object covers, fully (so certainly visible), are inside its box.
+        others = np.delete(coverage[image], slot, axis=0).sum(axis=0)
+        alone = (coverage[image, slot] > 0.999) & (others == 0)
+        assert alone.sum() > 100 and inside[alone].all()
+        # Centre: the coverage-weighted centroid of the object's pixels.
+        weight = coverage[image, slot]
+        assert np.isclose(x, ((cols + 0.5) * weight).sum() / weight.sum(), atol=1e-3)
+        assert np.isclose(y, ((rows + 0.5) * weight).sum() / weight.sum(), atol=1e-3)
 
 
 def _write(path, **datasets):
@@ -113,6 +165,32 @@ def test_reference_files_without_metacl_attributes_load(tmp_path):
                   properties=np.array([f.encode() for f in FEATURES]))
     scenes = load_scenes(path)
     assert scenes.attrs == {} and scenes.X.shape == (3, 12, 16, 3) and scenes.y[0, [0, 10, 20]].tolist() == [1, 1, 1]
+    assert scenes.objects is None   # no object metadata in reference (or older metacl) files
+
+
+def test_metacl_files_from_before_the_object_metadata_still_load(scenes_file, tmp_path):
+    old = tmp_path / "v1.h5"
+    with h5py.File(scenes_file) as new, h5py.File(old, "w") as f:
+        for name in ("X", "D", "y", "Q", "properties"):
+            f.create_dataset(name, data=new[name][()])
+        for key, value in new.attrs.items():
+            f.attrs[key] = value
+        f.attrs["metacl_format_version"] = 1
+    scenes = load_scenes(old, limit=5)
+    assert scenes.objects is None and len(scenes) == 5 and scenes.attrs["metacl_format_version"] == 1
+    assert not generate_module.matches(old, COUNT, seed=SEED, height=120, width=160)  # would regenerate
+    write_preview(old, tmp_path / "plain.png", 4)
+    with pytest.raises(DataError, match="no object metadata"):
+        write_preview(old, tmp_path / "p.png", 4, boxes=True)
+
+
+def test_partial_object_metadata_is_a_data_error(scenes_file, tmp_path):
+    broken = tmp_path / "broken.h5"
+    with h5py.File(scenes_file) as new, h5py.File(broken, "w") as f:
+        for name in ("X", "D", "y", "object_box"):
+            f.create_dataset(name, data=new[name][()])
+    with pytest.raises(DataError, match="lacks"):
+        load_scenes(broken)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -143,8 +221,8 @@ def test_interrupted_generation_leaves_no_complete_looking_file_and_resumes(scen
     out = tmp_path / "run.h5"
     real_write, written = SceneWriter.write, []
 
-    def write_then_die(self, start, X, D):
-        real_write(self, start, X, D)
+    def write_then_die(self, start, *arrays):
+        real_write(self, start, *arrays)
         written.append(start)
         if len(written) == 2:
             raise KeyboardInterrupt
@@ -160,6 +238,7 @@ def test_interrupted_generation_leaves_no_complete_looking_file_and_resumes(scen
     monkeypatch.setattr(SceneWriter, "write", real_write)
     resumed = load_scenes(generate_scenes(out, 20, seed=SEED, batch_size=4, quiet=True))
     assert np.array_equal(resumed.X, scenes.X[:20]) and np.array_equal(resumed.D, scenes.D[:20])
+    assert same_objects(resumed.objects, scenes.objects.select(slice(20)))
     assert not partial_path(out).exists()
 
 
@@ -205,6 +284,11 @@ def test_cli_generates_and_previews(scenes, tmp_path, capsys):
         pixels = np.asarray(sheet.convert("RGB"))
     assert pixels.std() > 20
     assert f"wrote {png}" in capsys.readouterr().out
+    boxed = tmp_path / "boxes.png"
+    assert main(["data", "preview", str(out), "--out", str(boxed), "--n", "4", "--boxes"]) == 0
+    with Image.open(boxed) as sheet:
+        with_boxes = np.asarray(sheet.convert("RGB"))
+    assert with_boxes.shape == pixels.shape and (with_boxes != pixels).any(axis=-1).sum() > 500
 
 
 def test_cli_default_output_goes_to_the_data_dir(tmp_path):

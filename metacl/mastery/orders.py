@@ -75,12 +75,16 @@ DIMENSION_PERMUTATIONS = list(itertools.permutations(range(NUM_DIMENSIONS)))
 
 
 def heterogeneous_order(num_tasks: int, seed: int, with_replacement: bool = False) -> list[int]:
-    """Cycle through the three dimensions in one of their 6 permutations (chosen by `seed`),
-    drawing a feature of the current dimension each episode; without replacement by default.
+    """Cycle through the three dimensions in one of their 6 permutations, one feature of the
+    current dimension per episode.
 
-    With replacement (the reference's behaviour) about 7 in 10 orders of 10 tasks repeat a task.
+    Without replacement (the default) the permutation and the features come from metacl's seeded
+    generator and no task repeats. With replacement the order is the reference's exactly
+    (`legacy_heterogeneous_order`): about 7 in 10 orders of 10 tasks repeat a task.
     """
-    if not with_replacement and num_tasks > NUM_FEATURES:
+    if with_replacement:
+        return legacy_heterogeneous_order(num_tasks, seed)
+    if num_tasks > NUM_FEATURES:
         raise ConfigError(f"num_tasks {num_tasks} exceeds the {NUM_FEATURES} distinct features")
     rng = numpy_rng(seed, "heterogeneous-order")
     dimensions = DIMENSION_PERMUTATIONS[int(rng.integers(len(DIMENSION_PERMUTATIONS)))]
@@ -88,12 +92,28 @@ def heterogeneous_order(num_tasks: int, seed: int, with_replacement: bool = Fals
     order = []
     for episode in range(num_tasks):
         dimension = dimensions[episode % NUM_DIMENSIONS]
-        if with_replacement:
-            feature = int(rng.integers(FEATURES_PER_DIMENSION))
-        else:
-            feature = int(remaining[dimension].pop())
-        order.append(feature + FEATURES_PER_DIMENSION * dimension)
+        order.append(int(remaining[dimension].pop()) + FEATURES_PER_DIMENSION * dimension)
     return order
+
+
+def legacy_heterogeneous_order(num_tasks: int, seed: int) -> list[int]:
+    """The reference control's exact order (run_control_sequential_benchmark.py, script seed `seed`).
+
+    Dimension permutation number `seed % 6` of `itertools.permutations((0, 1, 2))`; episode j
+    trains that permutation's element `j % 3`. One `RandomState(seed)` draws three rows of
+    `ceil(num_tasks / 3)` features with replacement, in order; episode j's feature is row
+    `j % 3`, entry `j // 3`, plus 10 times its dimension.
+    """
+    if num_tasks < 0:
+        raise ConfigError(f"num_tasks must be >= 0, got {num_tasks}")
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"the reference heterogeneous order needs a seed in 0..2**32-1, got {seed}")
+    dimensions = DIMENSION_PERMUTATIONS[seed % len(DIMENSION_PERMUTATIONS)]
+    rs = np.random.RandomState(seed)
+    per_row = -(-num_tasks // NUM_DIMENSIONS)
+    rows = [rs.choice(FEATURES_PER_DIMENSION, per_row, replace=True) for _ in range(NUM_DIMENSIONS)]
+    return [int(rows[j % NUM_DIMENSIONS][j // NUM_DIMENSIONS])
+            + FEATURES_PER_DIMENSION * dimensions[j % NUM_DIMENSIONS] for j in range(num_tasks)]
 
 
 def carryover_counts(rows: list[list[int]] | np.ndarray) -> dict[tuple[int, int], int]:

@@ -47,6 +47,8 @@ def add_commands(data_subparsers: argparse._SubParsersAction) -> None:
     preview.add_argument("file", metavar="FILE", help="scenes .h5 file")
     preview.add_argument("--out", metavar="PNG", required=True, help="PNG to write")
     preview.add_argument("--n", type=_positive, default=16, help="number of images (default 16)")
+    preview.add_argument("--boxes", action="store_true",
+                         help="outline each object's bounding box (needs a file with object metadata)")
     preview.set_defaults(handler=_preview)
 
 
@@ -63,6 +65,6 @@ def _scenes(args: argparse.Namespace) -> int:
 
 def _preview(args: argparse.Namespace) -> int:
     from .preview import write_preview
-    path = write_preview(args.file, args.out, args.n)
+    path = write_preview(args.file, args.out, args.n, boxes=args.boxes)
     print(f"wrote {path}")
     return 0

@@ -1,8 +1,8 @@
 """Generate a compositional-scenes file: sample valid layouts, render them, write them in batches.
 
 Each image's content is a pure function of (seed, image index), so the same seed and parameters
-give byte-identical X, D and y whatever the batch size, and an interrupted generation resumes
-exactly where it stopped.
+give byte-identical X, D, y and object metadata whatever the batch size, and an interrupted
+generation resumes exactly where it stopped.
 """
 from __future__ import annotations
 
@@ -20,12 +20,15 @@ from ..core.errors import ConfigError, DataError
 from ..core.paths import data_dir
 from ..core.progress import progress
 from . import atlas, layout as layouts, shapes
-from .h5 import FORMAT_VERSION, SceneWriter, read_attrs
+from .h5 import FORMAT_VERSION, SceneObjects, SceneWriter, empty_objects, read_attrs
 from .layout import Layout, layout_to_D, sample_layouts
 from .render import SceneRenderer
 
-GENERATOR_VERSION = 1
-"""Bump whenever a change alters the images produced for a given seed."""
+GENERATOR_VERSION = 2
+"""Bump whenever a change alters the images produced for a given seed.
+
+2: objects are painted far to near (version 1 painted farther objects over nearer ones, and its
+visibility rule measured that inverted occlusion)."""
 MAX_ATTEMPTS = 1000
 DEFAULT_BATCH_SIZE = 256
 MIN_SIDE = 32
@@ -57,11 +60,13 @@ def _select(layout: Layout, rows: np.ndarray) -> Layout:
     return Layout(**{name: getattr(layout, name)[rows] for name in layout.__dataclass_fields__})
 
 
-def valid_layouts(seed: int, indices: np.ndarray, renderer: SceneRenderer) -> Layout:
-    """Layouts for image `indices`, each redrawn until its objects fit and are all visible enough."""
+def _measured_layouts(seed: int, indices: np.ndarray,
+                      renderer: SceneRenderer) -> tuple[Layout, dict[str, np.ndarray]]:
+    """Valid layouts for image `indices` and the renderer's measures (visible, centre, box) of them."""
     count = len(indices)
     attempts = np.zeros(count, dtype=np.int64)
     result: Layout | None = None
+    measures: dict[str, np.ndarray] = {}
     pending = np.arange(count)
     while len(pending):
         if attempts[pending].max() >= MAX_ATTEMPTS:
@@ -70,24 +75,50 @@ def valid_layouts(seed: int, indices: np.ndarray, renderer: SceneRenderer) -> La
         draft = sample_layouts(seed, indices[pending], attempts[pending], renderer.in_frame)
         ok = draft.placed.copy()
         if ok.any():
-            visible = renderer.visibility(_select(draft, ok)).cpu().numpy()
-            enough = np.where(draft.present[ok], visible >= renderer.min_visible, True).all(axis=1)
-            ok[ok] = enough
+            checked = np.flatnonzero(ok)
+            with torch.no_grad():
+                measured = renderer.measure(_select(draft, checked))
+            found = {name: getattr(measured, name).cpu().numpy() for name in ("visible", "centre", "box")}
+            enough = np.where(draft.present[checked], found["visible"] >= renderer.min_visible, True).all(axis=1)
+            ok[checked] = enough
+            for name, values in found.items():
+                if name not in measures:
+                    measures[name] = np.zeros((count, *values.shape[1:]), dtype=values.dtype)
+                measures[name][pending[checked[enough]]] = values[enough]
         if result is None:
             result = _select(draft, np.zeros(count, dtype=np.int64))
         for name in result.__dataclass_fields__:
             getattr(result, name)[pending[ok]] = getattr(draft, name)[ok]
         attempts[pending[~ok]] += 1
         pending = pending[~ok]
-    return result
+    return result, measures
 
 
-def render_images(seed: int, indices: np.ndarray, renderer: SceneRenderer) -> tuple[np.ndarray, np.ndarray]:
-    """(X uint8 (B, H, W, 3), D uint8 (B, 5, 3)) for the given image indices."""
-    layout = valid_layouts(seed, np.asarray(indices, dtype=np.int64), renderer)
+def valid_layouts(seed: int, indices: np.ndarray, renderer: SceneRenderer) -> Layout:
+    """Layouts for image `indices`, each redrawn until its objects fit and are all visible enough."""
+    return _measured_layouts(seed, indices, renderer)[0]
+
+
+def object_metadata(layout: Layout, measures: dict[str, np.ndarray], renderer: SceneRenderer) -> SceneObjects:
+    """The per-object metadata stored with the images (fill values in absent slots)."""
+    objects = empty_objects(len(layout.present))
+    present = layout.present
+    objects.position[present] = layout.position[present]
+    objects.rotation[present] = layout.rotation[present] * (360.0 / atlas.ROTATIONS)
+    objects.depth[present] = renderer.depth(layout.position)[present]
+    objects.pixel_centre[present] = measures["centre"][present]
+    objects.box[present] = measures["box"][present]
+    objects.visible_pixels[present] = measures["visible"][present]
+    return objects
+
+
+def render_images(seed: int, indices: np.ndarray,
+                  renderer: SceneRenderer) -> tuple[np.ndarray, np.ndarray, SceneObjects]:
+    """(X uint8 (B, H, W, 3), D uint8 (B, 5, 3), object metadata) for the given image indices."""
+    layout, measures = _measured_layouts(seed, np.asarray(indices, dtype=np.int64), renderer)
     with torch.no_grad():
         images = renderer.render(layout).cpu().numpy()
-    return images, layout_to_D(layout)
+    return images, layout_to_D(layout), object_metadata(layout, measures, renderer)
 
 
 _worker_renderer: SceneRenderer | None = None
@@ -100,13 +131,13 @@ def _start_worker(height: int, width: int) -> None:
     _worker_renderer = SceneRenderer(height, width, "cpu")
 
 
-def _render_in_worker(seed: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _render_in_worker(seed: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, SceneObjects]:
     return render_images(seed, indices, _worker_renderer)
 
 
 def _rendered_batches(seed: int, batches: list[np.ndarray], renderer: SceneRenderer, workers: int,
-                      height: int, width: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(images, objects) per batch, in order; with workers > 1, rendered by a process pool.
+                      height: int, width: int) -> Iterator[tuple[np.ndarray, np.ndarray, SceneObjects]]:
+    """(images, D, object metadata) per batch, in order; with workers > 1, rendered by a process pool.
 
     Every image is a pure function of (seed, index), so the pool changes speed, never bytes.
     """
@@ -151,9 +182,9 @@ def generate_scenes(out_path: str | os.PathLike, num_images: int, *, seed: int =
         batches = [np.arange(start, min(num_images, start + batch_size))
                    for start in range(writer.start, num_images, batch_size)]
         with bar:
-            for indices, (images, objects) in zip(
+            for indices, (images, D, objects) in zip(
                     batches, _rendered_batches(seed, batches, renderer, workers, height, width)):
-                writer.write(int(indices[0]), images, objects)
+                writer.write(int(indices[0]), images, D, objects)
                 bar.update(len(indices))
         return writer.finish()
 

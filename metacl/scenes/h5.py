@@ -11,6 +11,27 @@
 metacl adds file attributes prefixed `metacl_` (format version, seed, image size, generator
 parameters). Files without them (such as the original meta_learning_50k.h5) load too.
 
+metacl's files (format version 2 on) also hold per-object scene metadata, like CLEVR's scene
+files, in datasets that reference readers ignore. Slot k describes the object of `D[:, k]`;
+absent objects (the 5th slot of 4-object scenes, where D holds 255) hold the fill value.
+
+- `object_position`, float32 (N, 5, 2): ground (x, y) of the object's base centre, world units.
+- `object_rotation`, float32 (N, 5): orientation, degrees anticlockwise about the vertical (z)
+  axis seen from above.
+- `object_depth`, float32 (N, 5): distance from the camera to the base centre along the camera's
+  viewing axis, world units (what CLEVR's pixel_coords[2] gives); nearer objects cover farther ones.
+- `object_pixel_centre`, float32 (N, 5, 2): (x, y) centroid of the object's own pixels, before
+  occlusion; pixel (i, j) spans x in [i, i + 1), y in [j, j + 1).
+- `object_box`, int32 (N, 5, 4): left, top, right, bottom (right and bottom exclusive) of the
+  pixels the object covers at all, before occlusion, so it holds all of its visible pixels.
+- `object_visible_pixels`, float32 (N, 5): visible pixels after occlusion by nearer objects (the
+  object's coverage summed over the image), as the >= 700 rule at 160x120 counts them.
+
+Fill values: NaN for the float datasets, -1 for `object_box`.
+
+Files without these datasets (the reference's, and metacl's before format version 2) load with
+`Scenes.objects` None.
+
 A file being generated lives at `<name>.partial` with `metacl_complete = 0` until its last
 image is written; only then is it renamed to its final name, so an interrupted generation never
 leaves a file that looks complete, and a rerun with the same parameters resumes it.
@@ -30,11 +51,47 @@ import numpy as np
 from ..core.errors import DataError
 from .features import FEATURES, NUM_FEATURES, PAD, VALUES_PER_DIMENSION
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: adds the per-object metadata datasets `object_*`."""
 MAX_OBJECTS = 5
 IMAGE_CHUNK = 16
 """Images per HDF5 chunk of X (about 1 MB at 160x120): cheap random reads, fast contiguous ones."""
 ROW_CHUNK = 4096
+
+
+@dataclass
+class SceneObjects:
+    """Per-object scene metadata (N, 5, ...); see the module docstring for units and fill values."""
+
+    position: np.ndarray
+    rotation: np.ndarray
+    depth: np.ndarray
+    pixel_centre: np.ndarray
+    box: np.ndarray
+    visible_pixels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.position)
+
+    def select(self, rows) -> "SceneObjects":
+        return SceneObjects(**{name: getattr(self, name)[rows] for name in self.__dataclass_fields__})
+
+
+OBJECT_DATASETS: dict[str, tuple[str, type, tuple[int, ...], float | int]] = {
+    "object_position": ("position", np.float32, (2,), np.nan),
+    "object_rotation": ("rotation", np.float32, (), np.nan),
+    "object_depth": ("depth", np.float32, (), np.nan),
+    "object_pixel_centre": ("pixel_centre", np.float32, (2,), np.nan),
+    "object_box": ("box", np.int32, (4,), -1),
+    "object_visible_pixels": ("visible_pixels", np.float32, (), np.nan),
+}
+"""Dataset name -> (SceneObjects field, dtype, per-object shape, fill value for absent objects)."""
+
+
+def empty_objects(count: int) -> SceneObjects:
+    """Metadata of `count` images with every slot absent (all fill values)."""
+    return SceneObjects(**{field_name: np.full((count, MAX_OBJECTS, *tail), fill, dtype=dtype)
+                           for field_name, dtype, tail, fill in OBJECT_DATASETS.values()})
 
 
 @dataclass
@@ -49,6 +106,8 @@ class Scenes:
     """uint8 (N, 30) multi-hot features present in each image."""
     attrs: dict[str, Any] = field(default_factory=dict)
     """File attributes (metacl_* for metacl's files; empty for reference files)."""
+    objects: SceneObjects | None = None
+    """Per-object scene metadata (positions, boxes, visibility...); None for files without it."""
 
     def __len__(self) -> int:
         return len(self.X)
@@ -129,6 +188,29 @@ def _check_objects(path: Path, D: np.ndarray) -> None:
         raise DataError(f"{path}: image {int(np.argmax(empty))} has no objects in D")
 
 
+def _read_objects(f: h5py.File, path: Path, images: int, count: int) -> SceneObjects | None:
+    """The object_* datasets' first `count` rows, or None if the file has none of them."""
+    stored = [name for name in OBJECT_DATASETS if name in f]
+    if not stored:
+        return None
+    missing = [name for name in OBJECT_DATASETS if name not in f]
+    if missing:
+        raise DataError(f"{path}: has object metadata {stored} but lacks {missing}")
+    arrays = {}
+    for name, (field_name, dtype, tail, _) in OBJECT_DATASETS.items():
+        data = f[name]
+        if not isinstance(data, h5py.Dataset):
+            raise DataError(f"{path}: {name!r} is a group, not a dataset")
+        kind_ok = data.dtype.kind == "f" if np.dtype(dtype).kind == "f" else data.dtype.kind in "iu"
+        if not kind_ok:
+            raise DataError(f"{path}: dataset {name!r} has dtype {data.dtype}, expected {np.dtype(dtype)}")
+        expected = (images, MAX_OBJECTS, *tail)
+        if data.shape != expected:
+            raise DataError(f"{path}: dataset {name!r} has shape {data.shape}, expected {expected}")
+        arrays[field_name] = data[:count]
+    return SceneObjects(**arrays)
+
+
 def load_scenes(path: str | os.PathLike, *, limit: int | None = None) -> Scenes:
     """Load and validate a scenes file (metacl's or the reference layout), reading X in one go.
 
@@ -153,6 +235,7 @@ def load_scenes(path: str | os.PathLike, *, limit: int | None = None) -> Scenes:
         if images.size:
             X.read_direct(images, np.s_[:count], np.s_[:count])
         objects, labels = D[:count], y[:count]
+        metadata = _read_objects(f, path, len(X), count)
     _check_objects(path, objects)
     expected = labels_from_objects(objects)
     mismatch = np.argwhere(expected != labels)
@@ -161,7 +244,7 @@ def load_scenes(path: str | os.PathLike, *, limit: int | None = None) -> Scenes:
         raise DataError(f"{path}: y[{image}, {feature}] = {labels[image, feature]} but D[{image}] says "
                         f"{FEATURES[feature]!r} is {'present' if expected[image, feature] else 'absent'} "
                         f"({len(np.unique(mismatch[:, 0]))} image(s) disagree)")
-    return Scenes(X=images, D=objects, y=labels, attrs=attrs)
+    return Scenes(X=images, D=objects, y=labels, attrs=attrs, objects=metadata)
 
 
 def partial_path(path: str | os.PathLike) -> Path:
@@ -231,6 +314,9 @@ class SceneWriter:
             stop = min(n, start + ROW_CHUNK)
             queries[start:stop] = query_rows(stop - start)
         f.create_dataset("properties", data=np.array([name.encode() for name in FEATURES]))
+        for name, (_, dtype, tail, fill) in OBJECT_DATASETS.items():
+            f.create_dataset(name, (n, MAX_OBJECTS, *tail), dtype,
+                             chunks=(min(ROW_CHUNK, n), MAX_OBJECTS, *tail), fillvalue=fill)
         for key, value in self._encoded_attrs().items():
             f.attrs[key] = value
         f.attrs["metacl_complete"] = 0
@@ -238,12 +324,18 @@ class SceneWriter:
         f.flush()
         self.file = f
 
-    def write(self, start: int, X: np.ndarray, D: np.ndarray) -> None:
-        """Store images `start .. start + len(X)` (written in order) and mark them durable."""
+    def write(self, start: int, X: np.ndarray, D: np.ndarray, objects: SceneObjects | None = None) -> None:
+        """Store images `start .. start + len(X)` (written in order) and mark them durable.
+
+        `objects` is their per-object metadata; without it those rows keep the fill values.
+        """
         stop = start + len(X)
         self.file["X"][start:stop] = X
         self.file["D"][start:stop] = D
         self.file["y"][start:stop] = labels_from_objects(D)
+        if objects is not None:
+            for name, (field_name, dtype, _, _) in OBJECT_DATASETS.items():
+                self.file[name][start:stop] = np.asarray(getattr(objects, field_name), dtype=dtype)
         self.file.attrs["metacl_images_written"] = stop
         self.file.flush()
 

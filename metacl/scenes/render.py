@@ -4,6 +4,11 @@ Per batch of B images with up to 5 objects each, the renderer does three tensor 
 shadow maps sampled on a half-resolution floor grid and multiplied together, sprites resampled
 into fixed-size windows at each object's perspective scale, and a painter's-order blend of the
 windows into the canvas (one window per image per step, so the scatter never collides).
+
+Depth order: an object's perspective scale is `anchor_distance / depth`, so the farthest object
+has the smallest scale. `render` paints far to near (nearer objects cover farther ones);
+`measure` and `visibility` walk near to far, each object keeping the coverage that nearer
+objects left.
 """
 from __future__ import annotations
 
@@ -39,12 +44,27 @@ class _Placement:
     x0: torch.Tensor
     y0: torch.Tensor
     order: torch.Tensor
-    """(B, 5) object slots sorted far to near."""
+    """(B, 5) object slots sorted far to near (ascending perspective scale)."""
     present: torch.Tensor
     colour: torch.Tensor
     shape: torch.Tensor
     rotation: torch.Tensor
     texture: torch.Tensor
+
+
+@dataclass
+class ObjectMeasures:
+    """Per-object measurements of a batch of images, in image pixels (pixel (i, j) spans
+    x in [i, i + 1), y in [j, j + 1)); absent objects hold 0 (visible, centre) and -1 (box)."""
+
+    visible: torch.Tensor
+    """(B, 5) float: visible pixels, i.e. the object's coverage (alpha) summed over the image after
+    nearer objects took theirs. This is what the minimum-visibility rule checks."""
+    centre: torch.Tensor
+    """(B, 5, 2) float: (x, y) centroid of the object's own coverage, before occlusion."""
+    box: torch.Tensor
+    """(B, 5, 4) long: left, top, right, bottom (exclusive) of the pixels the object covers at
+    all (coverage > 0), before occlusion; so it contains every visible pixel of the object."""
 
 
 class SceneRenderer:
@@ -106,6 +126,11 @@ class SceneRenderer:
         pixel, depth = self.camera.project(points)
         return pixel.numpy(), self.camera.anchor_distance / depth.numpy()
 
+    def depth(self, xy: np.ndarray) -> np.ndarray:
+        """Ground positions (..., 2) -> distance from the camera along its viewing axis (...)."""
+        points = torch.as_tensor(np.concatenate([xy, np.zeros(xy.shape[:-1] + (1,))], -1), dtype=torch.float64)
+        return self.camera.project(points)[1].numpy()
+
     def in_frame(self, shape: np.ndarray, xy: np.ndarray) -> np.ndarray:
         """Whether each object (shape index, ground xy) lies entirely inside the image."""
         pixel, scale = self.project(xy)
@@ -116,7 +141,7 @@ class SceneRenderer:
     def _place(self, layout: Layout) -> _Placement:
         dev = self.device
         pixel, scale = self.project(layout.position)
-        order = torch.as_tensor(np.argsort(-scale, axis=1, kind="stable"), device=dev)
+        order = torch.as_tensor(np.argsort(scale, axis=1, kind="stable"), device=dev)  # far to near
         pixel = torch.as_tensor(pixel, dtype=torch.float32, device=dev)
         scale = torch.as_tensor(scale, dtype=torch.float32, device=dev)
         # Objects lie inside the image, so shifting a window into the image still covers its object.
@@ -142,22 +167,62 @@ class SceneRenderer:
         c = x0[:, None, None] + torch.arange(self.window_w, device=self.device)[None, None, :]
         return ((rows[:, None, None] * self.height + r) * self.width + c).reshape(-1)
 
-    def visibility(self, layout: Layout) -> torch.Tensor:
-        """(B, 5) visible pixels of each object (coverage left after nearer objects), 0 if absent."""
+    def measure(self, layout: Layout) -> ObjectMeasures:
+        """Visible coverage, silhouette centre and bounding box of every object (see ObjectMeasures).
+
+        Objects are visited near to far; each keeps the coverage that nearer objects left.
+        """
         placed = self._place(layout)
         index = placed.shape * self.rotations + placed.rotation
         batch, slots = placed.present.shape
-        transmit = torch.ones(batch * self.height * self.width, device=self.device)
-        visible = torch.zeros(batch, slots, device=self.device)
-        rows = torch.arange(batch, device=self.device)
+        dev = self.device
+        transmit = torch.ones(batch * self.height * self.width, device=dev)
+        visible = torch.zeros(batch, slots, device=dev)
+        centre = torch.zeros(batch, slots, 2, device=dev)
+        box = torch.full((batch, slots, 4), -1, dtype=torch.long, device=dev)
+        rows = torch.arange(batch, device=dev)
+        cols_at, rows_at = torch.arange(self.window_w, device=dev), torch.arange(self.window_h, device=dev)
         for step in range(slots - 1, -1, -1):  # near to far
             slot = placed.order[:, step]
-            alpha = self._window_sprites(self.alpha_table, index, placed, slot).reshape(-1)
+            window = self._window_sprites(self.alpha_table, index, placed, slot)
+            alpha = window.reshape(-1)
             pixels = self._window_pixels(placed, slot)
             t = transmit.index_select(0, pixels)
             visible[rows, slot] = (alpha * t).reshape(batch, -1).sum(dim=1)
             transmit.index_copy_(0, pixels, t - alpha * t)
-        return visible
+
+            window = window.reshape(batch, self.window_h, self.window_w)
+            x0, y0 = placed.x0[rows, slot], placed.y0[rows, slot]
+            area = window.sum(dim=(1, 2)).clamp(min=1e-12)
+            cx = (window.sum(dim=1) * (cols_at + 0.5)).sum(dim=1) / area + x0
+            cy = (window.sum(dim=2) * (rows_at + 0.5)).sum(dim=1) / area + y0
+            covered = window > 0
+            across, down = covered.any(dim=1), covered.any(dim=2)
+            left = torch.where(across, cols_at, self.window_w).amin(dim=1)
+            right = torch.where(across, cols_at + 1, 0).amax(dim=1)
+            top = torch.where(down, rows_at, self.window_h).amin(dim=1)
+            bottom = torch.where(down, rows_at + 1, 0).amax(dim=1)
+            present = placed.present[rows, slot] & across.any(dim=1)
+            centre[rows, slot] = torch.where(present[:, None], torch.stack([cx, cy], -1), 0.0)
+            edges = torch.stack([left + x0, top + y0, right + x0, bottom + y0], -1)
+            box[rows, slot] = torch.where(present[:, None], edges, -1)
+        return ObjectMeasures(visible=visible, centre=centre, box=box)
+
+    def visibility(self, layout: Layout) -> torch.Tensor:
+        """(B, 5) visible pixels of each object (coverage left after nearer objects), 0 if absent."""
+        return self.measure(layout).visible
+
+    def coverage(self, layout: Layout) -> torch.Tensor:
+        """(B, 5, H, W) each object's own coverage (alpha) in the image, ignoring occlusion; 0 if absent."""
+        placed = self._place(layout)
+        index = placed.shape * self.rotations + placed.rotation
+        batch, slots = placed.present.shape
+        maps = torch.zeros(slots, batch * self.height * self.width, device=self.device)
+        for s in range(slots):
+            slot = torch.full((batch,), s, dtype=torch.long, device=self.device)
+            alpha = self._window_sprites(self.alpha_table, index, placed, slot).reshape(-1)
+            maps[s].index_copy_(0, self._window_pixels(placed, slot), alpha)
+        return maps.reshape(slots, batch, self.height, self.width).transpose(0, 1)
 
     def render(self, layout: Layout) -> torch.Tensor:
         """uint8 images (B, H, W, 3) on the device."""
