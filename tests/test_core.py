@@ -117,7 +117,7 @@ def _toy(tmp_path, *overrides):
 def test_run_directory_holds_config_env_log_table_checkpoint(tmp_path):
     path, final = execute(_toy(tmp_path, "seed=4"))
     assert sorted(p.name for p in path.iterdir()) == [
-        "checkpoints", "config.yaml", "env.json", "log.txt", "metrics.parquet", "status.json"]
+        ".lock", "checkpoints", "config.yaml", "env.json", "log.txt", "metrics.parquet", "status.json"]
     env = json.loads((path / "env.json").read_text())
     assert env["packages"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert env["device"] == "cpu"
@@ -142,14 +142,16 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path):
     assert execute(config, "overwrite")[1]["steps"] == 20
 
 
-def test_resume_after_crash_matches_uninterrupted(tmp_path):
+def test_resume_after_crash_matches_uninterrupted(tmp_path, monkeypatch):
     reference = execute(_toy(tmp_path / "ref"))[1]
-    crashed = _toy(tmp_path / "crash", "walk.fail_at=13")
+    crashed = _toy(tmp_path / "crash")
+    monkeypatch.setenv("TOY_CRASH_AT", "13")
     with pytest.raises(ValueError, match="planned failure"):
         execute(crashed)
+    monkeypatch.delenv("TOY_CRASH_AT")
     path = tmp_path / "crash" / crashed.name
     assert json.loads((path / "status.json").read_text())["status"] == "failed"
-    resumed = load_experiment_config(path / "config.yaml", ["walk.fail_at=null"])
+    resumed = load_experiment_config(path / "config.yaml")
     assert execute(resumed, "resume")[1] == reference
     table = pd.read_parquet(path / "metrics.parquet")
     assert list(table.step) == list(range(1, 21))  # rows after the checkpoint were not doubled

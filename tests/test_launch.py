@@ -1,5 +1,6 @@
 """Sweeps on the local launcher, sweep validation, `metacl runs ls|compare`."""
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -197,13 +198,16 @@ def test_local_launcher_never_overfills_a_gpu(monkeypatch, toy_config):
 
 
 def test_worker_refuses_a_run_that_another_process_executes(tmp_path, capsys):
-    import fcntl
+    from metacl.core.rundir import RunLock
     from metacl.launch import worker
     config = tmp_path / ".launch" / "run.yaml"
     config.parent.mkdir()
     config.write_text(f"experiment: {TOY}\ndevice: cpu\nout_dir: {tmp_path}\nname: run\n")
-    with open(config.with_suffix(".lock"), "a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    (tmp_path / "run").mkdir()
+    held = RunLock(tmp_path / "run").acquire()  # as another writer would hold it
+    try:
         assert worker.main([str(config)]) == worker.EXIT_BUSY
-    assert "already executing in another process" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+    finally:
+        held.release()
+    assert f"is in use by process {os.getpid()}" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # nothing written

@@ -20,6 +20,7 @@ import torch
 from metacl.cli import main
 from metacl.core.config import to_yaml
 from metacl.core.experiment import execute, load_experiment_config
+from metacl.core.rundir import read_status
 
 TOY = "tests.toy_experiment"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -167,15 +168,17 @@ def test_sweep_relaunch_after_kill_9_resumes(tmp_path, capsys):
             "--threads", "1"]
     sweep_dir = tmp_path / "toy"
     first, second = sweep_dir / "walk.scale=1", sweep_dir / "walk.scale=2"
-    lock = sweep_dir / ".launch" / "walk.scale=2.lock"
+    lock = second / ".lock"  # the run directory's writer lock names the worker's pid
     driver = ThreadPoolExecutor(1).submit(main, args)  # the launcher, in a thread of this process
     wait_until(lambda: (second / "checkpoints" / "last.pt").exists() or driver.done(),
                what="the second run's first checkpoint")
-    os.kill(int(lock.read_text()), signal.SIGKILL)
+    os.kill(json.loads(lock.read_text())["pid"], signal.SIGKILL)
     assert driver.result(timeout=120) == 1
     out = capsys.readouterr().out
     assert "died: walk.scale=2: the worker process died (signal 9) mid-run" in out
     assert status(first)["status"] == "complete" and status(second)["status"] == "running"
+    assert read_status(second)["status"] == "stale"  # says running, but its writer is gone
+    assert main(["runs", "ls", str(sweep_dir)]) == 0 and "stale" in capsys.readouterr().out
 
     assert main(args) == 0
     out = capsys.readouterr().out

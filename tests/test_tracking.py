@@ -46,12 +46,14 @@ def wandb_records(path: Path):
             yield record
 
 
-def test_tensorboard_scalars_match_the_table_after_a_resume(tmp_path):
+def test_tensorboard_scalars_match_the_table_after_a_resume(tmp_path, monkeypatch):
     """A run that crashes at step 13 and resumes from its step-10 checkpoint shows every step
     once in TensorBoard, with the values of its metrics table."""
-    crashed = toy(tmp_path, "tracking.backends=[tensorboard]", "walk.fail_at=13")
+    crashed = toy(tmp_path, "tracking.backends=[tensorboard]")
+    monkeypatch.setenv("TOY_CRASH_AT", "13")
     with pytest.raises(ValueError, match="planned failure"):
         execute(crashed)
+    monkeypatch.delenv("TOY_CRASH_AT")
     path, _ = execute(toy(tmp_path, "tracking.backends=[tensorboard]"), "resume")
     table = pd.read_parquet(path / "metrics.parquet")
     scalars = tensorboard_scalars(path / "tensorboard", "walk/position")

@@ -5,6 +5,7 @@ It draws a seeded random walk, one step per `step_seconds`, checkpointing every
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -26,7 +27,8 @@ class WalkConfig:
     checkpoint_every: int = 5
     """Checkpoint period in steps."""
     fail_at: int | None = None
-    """Raise an error at this step (to test failure reporting)."""
+    """Raise an error at this step (to test failure reporting). A crash that a resume should get
+    past comes from outside the config instead: $TOY_CRASH_AT (a resumed run keeps its config)."""
 
 
 @dataclass
@@ -44,7 +46,7 @@ def run(config: Config, run) -> dict:
         set_generator_state(rng, state["rng"])
     table = run.table("metrics")
     while step < config.walk.steps:
-        if config.walk.fail_at is not None and step == config.walk.fail_at:
+        if step in (config.walk.fail_at, int(os.environ.get("TOY_CRASH_AT", -1))):
             raise ValueError(f"planned failure at step {step}")
         position += config.walk.scale * float(torch.randn((), generator=rng))
         step += 1

@@ -18,6 +18,9 @@ def add_mode_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--overwrite", action="store_true",
                       help="delete an existing run directory of the same name first")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--accept-data-change", action="store_true",
+                        help="with --resume: go on although the data differs from what the run "
+                             "trained on (recorded in its data.json)")
 
 
 def run_mode(args: argparse.Namespace) -> str:
@@ -30,7 +33,7 @@ def launch(args: argparse.Namespace, experiment: str, config_path: str | None,
     from ..core.experiment import execute, load_experiment_config
     overrides = list(overrides) + (["quiet=true"] if args.quiet else [])
     config = load_experiment_config(config_path, overrides, experiment)
-    path, final = execute(config, run_mode(args))
+    path, final = execute(config, run_mode(args), args.accept_data_change)
     summary = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in final.items() if not isinstance(v, (list, dict)))
     print(f"run complete: {path}" + (f"  ({summary})" if summary else ""))

@@ -15,3 +15,7 @@ class DataError(MetaclError):
 
 class RunInterrupted(MetaclError):
     """The run was stopped by a signal after writing a checkpoint; `--resume` continues it."""
+
+
+class RunDiverged(MetaclError):
+    """The loss became NaN or infinite; the run stopped there (its last checkpoint is finite)."""

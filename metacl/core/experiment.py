@@ -15,9 +15,11 @@ one line here.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import importlib
 import json
+import shutil
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +31,9 @@ import torch
 from ..tracking import TrackingConfig
 from .config import ConfigError, from_dict, apply_overrides, read_yaml, to_dict
 from .device import resolve_device
-from .errors import RunInterrupted
-from .run import Mode, Run, read_status
+from .errors import DataError, RunDiverged, RunInterrupted
+from .run import Mode, Run
+from .rundir import check_resume, check_run_name, is_run_directory, read_status
 from .seeding import seed_everything
 
 EXPERIMENTS: dict[str, str] = {
@@ -107,14 +110,18 @@ def default_run_name(config: ExperimentConfig) -> str:
     return f"{config.experiment}-{digest}"
 
 
-def execute(config: ExperimentConfig, mode: Mode = "new") -> tuple[Path, dict[str, Any]]:
+def execute(config: ExperimentConfig, mode: Mode = "new",
+            accept_data_change: bool = False) -> tuple[Path, dict[str, Any]]:
     """Run `config` in its run directory; return (path, final metrics).
 
     With mode="resume", a complete run returns its recorded metrics at once and an unfinished
-    one continues from its last checkpoint: re-launching a sweep is therefore always safe.
+    one continues from its last checkpoint: re-launching a sweep is therefore always safe. Either
+    way the stored config must match (`rundir.check_resume`).
     """
+    check_run_name(config.name)
     path = Path(config.out_dir) / config.name
-    if mode == "resume":
+    if mode == "resume" and is_run_directory(path):
+        check_resume(path, to_dict(config), to_dict(type(config)()))
         status = read_status(path)
         if status["status"] == "complete":
             return path, status.get("final", {})
@@ -122,22 +129,53 @@ def execute(config: ExperimentConfig, mode: Mode = "new") -> tuple[Path, dict[st
         torch.set_num_threads(config.threads)
     seed_everything(config.seed)
     device = resolve_device(config.device)
-    run = Run.open(config, device, mode)
-    run.install_signal_handlers()
-    run.set_status("running")
+    run = Run.open(config, device, mode, accept_data_change)
+    try:
+        run.install_signal_handlers()
+        run.set_status("running")
+        final = _run_module(config, run)
+        run.set_status("complete", final=final)
+    finally:
+        run.release()
+    return path, final
+
+
+REFUSALS = (ConfigError, DataError)
+"""Errors that refuse a run's inputs: a run directory created for such a run is removed again."""
+
+
+def _run_module(config: ExperimentConfig, run: Run) -> dict[str, Any]:
+    """The experiment's run(), with its outcome recorded in status.json."""
     module = experiment_module(config.experiment)
+    refused = False
     try:
         final = module.run(config, run) or {}
     except RunInterrupted as error:
         run.set_status("interrupted", error=str(error))
         run.log.warning("interrupted: %s", error)
         raise
+    except RunDiverged as error:
+        run.set_status("diverged", error=str(error))
+        run.log.error("diverged: %s", error)
+        raise
+    except REFUSALS as error:
+        run.log.error("refused: %s", error)
+        refused = run.created and not any(run.path.glob("checkpoints/*.pt"))
+        if not refused:
+            run.set_status("failed", error=f"{type(error).__name__}: {error}")
+        raise
     except BaseException as error:
-        run.set_status("failed", error=f"{type(error).__name__}: {error}",
-                       traceback=traceback.format_exc())
-        run.log.error("failed: %s: %s", type(error).__name__, error)
+        reason = f"{type(error).__name__}: {error}"
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            reason = f"disk full while writing {error.filename or run.path}: {error.strerror}"
+        try:
+            run.set_status("failed", error=reason, traceback=traceback.format_exc())
+        except OSError:  # the disk may be full: the lock's release makes the run read as stale
+            pass
+        run.log.error("failed: %s", reason)
         raise
     finally:
         run.close()
-    run.set_status("complete", final=final)
-    return path, final
+        if refused:  # refused before any result: leave nothing behind
+            shutil.rmtree(run.path, ignore_errors=True)
+    return final

@@ -85,7 +85,7 @@ def _sweep(args: argparse.Namespace) -> int:
     sweep = sweeps.expand(from_dict(sweeps.SweepConfig, data))
 
     if args.dry_run:
-        from ..core.run import read_status
+        from ..core.rundir import read_status
         sweeps.check_existing(sweep)
         print(f"sweep {sweep.directory}: {len(sweep.runs)} runs, launcher {sweep.spec.launcher}")
         for run in sweep.runs:

@@ -16,7 +16,7 @@ import pandas as pd
 import yaml
 
 from ..core.errors import ConfigError, MetaclError
-from ..core.run import read_status
+from ..core.rundir import read_status
 from ..core.stats import mean_ci
 
 NOT_COMPARED = ("name", "out_dir", "quiet", "threads", "data_dir", "device", "tracking")

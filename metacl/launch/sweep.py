@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import itertools
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +27,7 @@ import yaml
 from ..core import atomic
 from ..core.config import ConfigError, from_dict, read_yaml, to_dict, to_yaml
 from ..core.experiment import IDENTITY_FREE_KEYS, ExperimentConfig, load_experiment_config
-from ..core.run import read_status
+from ..core.rundir import is_locked, read_status
 from .worker import EXIT_BUSY
 
 LAUNCH_DIR = ".launch"
@@ -341,17 +342,28 @@ def report(sweep: Sweep, skipped: int = 0, exit_codes: dict[str, int] | None = N
         status = read_status(run.path)
         error = status.get("error")
         code = (exit_codes or {}).get(run.name)
-        if code == EXIT_BUSY:
-            status, error = {"status": "busy"}, "already executing in another process"
-        elif code and status["status"] == "running":
+        if code == EXIT_BUSY and status["status"] == "running":
+            status, error = {"status": "busy"}, "still running in another process"
+        elif code and status["status"] in ("running", "stale"):
             how = f"signal {-code}" if code < 0 else f"exit code {code}"
             status, error = {"status": "died"}, f"the worker process died ({how}) mid-run"
-        elif all_stopped and status["status"] == "running":
+        elif all_stopped and status["status"] in ("running", "stale"):
             status, error = {"status": "died"}, "the run stopped without recording why (killed?)"
         elif status["status"] == "missing":
             error = _last_line(run.config_file.with_suffix(".log")) or "the run never started"
         outcomes.append(RunOutcome(run.name, status["status"], error, status.get("final", {})))
     return SweepReport(sweep.directory, outcomes, skipped)
+
+
+def wait_for_runs_elsewhere(runs: list[PlannedRun], poll_s: float) -> None:
+    """Runs that another launcher's worker holds: wait until their writer lets go, so that this
+    launch reports how they ended instead of asking for a re-launch."""
+    if not runs:
+        return
+    print(f"{len(runs)} run(s) running elsewhere (another launch holds them): waiting for "
+          f"{', '.join(r.name for r in runs)}", flush=True)
+    while any(is_locked(r.path) for r in runs):
+        time.sleep(poll_s)
 
 
 def _last_line(path: Path) -> str | None:
@@ -374,6 +386,7 @@ def launch(sweep: Sweep, wait: bool = True, poll_s: float = 1.0) -> SweepReport 
     if sweep.spec.launcher == "local":
         from .local import LocalLauncher
         codes = LocalLauncher(sweep.spec.local).run(todo)
+        wait_for_runs_elsewhere([r for r in todo if codes.get(r.name) == EXIT_BUSY], poll_s)
         return report(sweep, skipped, codes)
     from .slurm import SlurmLauncher
     launcher = SlurmLauncher(sweep.spec.slurm, sweep.directory / LAUNCH_DIR / "slurm")

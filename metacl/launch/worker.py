@@ -10,12 +10,10 @@ Exit codes: 0 complete, 1 failed (the error is in status.json), 2 bad config,
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import signal
 import sys
 import traceback
-from pathlib import Path
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_BUSY, EXIT_INTERRUPTED = 1, 2, 3, 130
 GPU_MEMORY_FRACTION_ENV = "METACL_GPU_MEMORY_FRACTION"
@@ -33,17 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     if preempt is not None:
         signal.signal(preempt, signal.SIG_IGN)
 
-    lock = _lock(Path(args.config).with_suffix(".lock"))
-    if lock is None:
-        print(f"run {args.config} is already executing in another process", file=sys.stderr)
-        return EXIT_BUSY
-
     from ..core.errors import MetaclError, RunInterrupted
     from ..core.experiment import execute, load_experiment_config
+    from ..core.rundir import RunInUse
     try:
         config = load_experiment_config(args.config, args.overrides)
         _cap_gpu_memory()
         path, final = execute(config, "resume")
+    except RunInUse as error:  # the run directory's lock is held by another live process
+        print(f"busy: {error}", file=sys.stderr)
+        return EXIT_BUSY
     except RunInterrupted as error:
         print(f"interrupted: {error}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -57,24 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     print(f"run complete: {path}  {final}")
     return 0
-
-
-def _lock(path: Path):
-    """An exclusive lock, released by the OS when this process dies however it dies; the
-    file names the process holding it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return None
-    except OSError:  # a file system without locks: run unguarded rather than not at all
-        pass
-    handle.truncate(0)
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
 
 
 def _cap_gpu_memory() -> None:

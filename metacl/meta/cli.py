@@ -41,7 +41,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     rest = argparse.ArgumentParser(prog="metacl meta eval CHECKPOINT|RUN_DIR")
     rest.add_argument("overrides", nargs="*", metavar="key=value")
     _eval_options(rest)
-    defaults = {k: getattr(args, k) for k in ("config", "resume", "overwrite", "quiet")}
+    defaults = {k: getattr(args, k) for k in ("config", "resume", "overwrite", "quiet", "accept_data_change")}
     rest.set_defaults(**defaults)
     known = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "overrides"})
     args = rest.parse_intermixed_args(args.overrides, namespace=known)
