@@ -1,7 +1,7 @@
 /* The arithmetic floor of the exact meta-test sweep on this CPU: Adam's per-parameter maths alone.
 
    Build and run (the figure bench_meta_eval.py's measurements are compared with):
-       gcc -O3 -march=native -fno-math-errno -fopenmp benchmarks/adam_floor.c -o /tmp/adam_floor
+       gcc -O3 -march=native -fno-math-errno -fopenmp benchmarks/adam_floor.c -o /tmp/adam_floor -lm
        OMP_NUM_THREADS=2 /tmp/adam_floor
 
    Each thread updates its own block of weights, moments and gradients small enough to stay in

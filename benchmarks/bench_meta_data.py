@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from metacl.core.environment import hardware_summary
 from metacl.core.seeding import torch_generator
 from metacl.meta.data import load_dataset, random_resized_crop
 from metacl.meta.data.decode import default_workers
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    print(hardware_summary(args.device), flush=True)
 
     for workers in dict.fromkeys(args.workers):
         with tempfile.TemporaryDirectory() as cache:

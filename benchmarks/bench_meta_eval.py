@@ -2,13 +2,24 @@
 
     python benchmarks/bench_meta_eval.py                 # 12 LRs x 10 runs, ANML-sized head
     python benchmarks/bench_meta_eval.py --device cuda
+    python benchmarks/bench_meta_eval.py --floor         # also compile and run adam_floor.c
+    python benchmarks/bench_meta_eval.py --steps 15 --trajectories 12 --reference-steps 10 --skip-unfrozen  # smoke
 
 Frozen: times `steps` sequential steps of all T trajectories of a 1000 x 2305 linear head (fc
 plus bias) and one evaluation of every trajectory on 600 classes (12,000 images), then
 extrapolates to the full 600-class sweep (9,000 steps + final evaluation). The dense Adam update
 touches T x 1000 x 2305 parameters per step (read W, m, v; write W, m, v), so it is memory-bound:
 the script prints the achieved ns per parameter update and GB/s. `adam_floor.c` beside it
-measures the arithmetic alone (state held in cache), the floor under any exact implementation.
+measures the arithmetic alone (state held in cache), the floor under any exact implementation;
+`--floor` compiles and runs it (gcc, as its header says) and prints the ratio to it.
+
+Reference (timed in the same run unless --skip-reference): the reference design's meta-test step,
+one full forward pass of the whole ANML model (28x28, one channel) per image and a
+torch.optim.Adam step on `fc` alone (1000 x 2304 + bias), one trajectory at a time.
+`--reference-steps` steps are timed after a short warm-up and projected to the full sweep
+(9,000 steps x 120 trajectories); metacl's frozen sweep runs every trajectory's step at once on
+features precomputed once (a `Features` stand-in for the frozen encoder), so the two are
+compared per step of all T trajectories, with the arithmetic printed.
 
 Groups (--groups 1,2,4,8,120): the same fused step on groups of G trajectories, each group
 advanced on its own (as protocol.trajectory_group=G runs the sweep): a small group keeps its
@@ -17,23 +28,34 @@ them from DRAM every step. Sizes are measured interleaved, `--repeats` times, an
 printed with the load average, since the machine may be shared.
 
 Unfrozen: ms per step of every parameter of a (random) ANML learning, for T trajectories under
-vmap and, as the reference does it, one trajectory with torch.optim.Adam.
+vmap and, as the reference does it, one trajectory with torch.optim.Adam, both in this run.
+
+Every figure printed is measured in this run; the first line names the hardware.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
 import statistics
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from metacl.core.environment import hardware_summary
 from metacl.meta.eval.adam import FusedLinearStep, linear_step, step_scalars
 from metacl.meta.eval.protocol import REFERENCE_LRS, ProtocolConfig, Sweep, draw_tasks
 
 FULL_SWEEP_UPDATES = 9000 * 120 * 1000 * 2305
 """Parameter updates of the full 600-class sweep: 9,000 steps x 120 trajectories x a 1000 x 2305 head."""
+SWEEP_STEPS, SWEEP_TRAJECTORIES = 9000, 120
+"""600 classes x 15 training images each; 12 learning rates x 10 runs."""
+ADAM_FLOOR = Path(__file__).with_name("adam_floor.c")
 
 
 class Features(nn.Module):
@@ -58,7 +80,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def frozen(args: argparse.Namespace, device: torch.device) -> None:
+def frozen(args: argparse.Namespace, device: torch.device, floor_ns: float | None) -> dict[str, float]:
     runs = args.trajectories // len(REFERENCE_LRS)
     protocol = ProtocolConfig(classes=[600], lrs=list(REFERENCE_LRS), runs=runs, compile=not args.eager,
                               memory_gb=args.memory_gb, trajectory_group=args.trajectory_group)
@@ -83,6 +105,10 @@ def frozen(args: argparse.Namespace, device: torch.device) -> None:
     print(f"  warm-up (compile) {warm:.1f} s; {steps} steps in {elapsed:.1f} s = {per_step * 1e3:.1f} ms/step "
           f"for all trajectories, {per_step / params * 1e9:.2f} ns per parameter update "
           f"(~{28 * params / per_step / 1e9:.1f} GB/s at 28 bytes/parameter)")
+    ns = per_step / params * 1e9
+    if floor_ns:
+        print(f"  vs the arithmetic floor (adam_floor.c, this run): {ns:.2f} / {floor_ns:.3f} ns per "
+              f"update = {ns / floor_ns:.1f}x the floor")
     # one evaluation of every trajectory at 600 classes
     tasks = draw_tasks(659, 20, 600, 15, 5, runs, 0, "bench")
     table = torch.cat([sweep.features(), torch.ones(len(sweep.features()), 1, device=device)], 1)
@@ -95,17 +121,102 @@ def frozen(args: argparse.Namespace, device: torch.device) -> None:
                          tasks.class_ids.to(device))
     sync(device)
     evaluation = (time.perf_counter() - start) * trajectories / chunk
-    total = per_step * 9000 + evaluation
+    total = per_step * SWEEP_STEPS + evaluation
     print(f"  evaluation of all {trajectories} trajectories on 600 classes (12,000 images): {evaluation:.1f} s")
-    print(f"  => full 600-class sweep ({trajectories} trajectories, 9,000 steps, final evaluation): "
-          f"{total:.0f} s = {total / 60:.1f} min (reference design: 19 ms/step x 9,000 x 120 = 5.7 h)")
+    print(f"  => full 600-class sweep ({trajectories} trajectories): {per_step * 1e3:.1f} ms/step x "
+          f"{SWEEP_STEPS:,} steps + {evaluation:.1f} s evaluation = {total:.0f} s = {total / 60:.1f} min")
+    return {"per_step": per_step, "trajectories": trajectories, "evaluation": evaluation, "total": total}
+
+
+def reference(args: argparse.Namespace, device: torch.device) -> float:
+    """Seconds per step of one trajectory in the reference design: whole-model forward, Adam on fc."""
+    from metacl.models import build_model
+    torch.manual_seed(0)
+    model = build_model({"name": "anml", "num_classes": args.outputs}).to(device)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("fc."))  # only fc learns: backward stops at fc
+    optimiser = torch.optim.Adam(model.fc.parameters(), lr=1e-3)
+    warmup = min(10, args.reference_steps)
+    total = warmup + args.reference_steps
+    images = torch.rand(total, 1, 1, 28, 28, device=device)
+    labels = torch.randint(0, min(600, args.outputs), (total, 1), device=device)
+
+    def step(i: int) -> None:
+        loss = nn.functional.cross_entropy(model(images[i]), labels[i])
+        loss.backward()
+        optimiser.step()
+        optimiser.zero_grad()
+
+    for i in range(warmup):
+        step(i)
+    sync(device)
+    start = time.perf_counter()
+    for i in range(warmup, total):
+        step(i)
+    sync(device)
+    per_step = (time.perf_counter() - start) / args.reference_steps
+    fc = model.fc.weight.shape
+    full = per_step * SWEEP_STEPS * SWEEP_TRAJECTORIES
+    print(f"reference design (one trajectory at a time: whole ANML forward per image, torch.optim.Adam "
+          f"on fc {fc[0]} x {fc[1]} + bias only), {args.reference_steps} steps after {warmup} warm-up, "
+          f"{torch.get_num_threads()} threads, device {device}, load average {load()}")
+    print(f"  {per_step * 1e3:.2f} ms per step of one trajectory => full sweep {per_step * 1e3:.2f} ms x "
+          f"{SWEEP_STEPS:,} steps x {SWEEP_TRAJECTORIES} trajectories = {full:.0f} s = {full / 3600:.2f} h "
+          f"(steps only; its evaluation passes are not timed)")
+    return per_step
+
+
+def compare(ours: dict[str, float], reference_step: float) -> None:
+    """metacl's frozen sweep against the reference design, per step of all T trajectories."""
+    t = ours["trajectories"]
+    ref_all = reference_step * t
+    ref_steps = ref_all * SWEEP_STEPS
+    ours_steps = ours["per_step"] * SWEEP_STEPS
+    print(f"comparison, same run and machine, per step of all T={t} trajectories "
+          f"(metacl's encoder is frozen and precomputed once; the reference runs it every image):")
+    print(f"  reference {reference_step * 1e3:.2f} ms x {t} trajectories = {ref_all * 1e3:.1f} ms/step; "
+          f"metacl {ours['per_step'] * 1e3:.1f} ms/step => metacl is {ref_all / ours['per_step']:.1f}x "
+          f"the reference")
+    print(f"  steps of the 600-class sweep for T={t}: reference {ref_all * 1e3:.1f} ms x {SWEEP_STEPS:,} = "
+          f"{ref_steps:.0f} s = {ref_steps / 3600:.2f} h; metacl {ours['per_step'] * 1e3:.1f} ms x "
+          f"{SWEEP_STEPS:,} = {ours_steps:.0f} s = {ours_steps / 60:.1f} min "
+          f"(+ {ours['evaluation']:.1f} s evaluation = {ours['total'] / 60:.1f} min in all)")
+    if t != SWEEP_TRAJECTORIES:
+        print(f"  (T={t}, not the full sweep's {SWEEP_TRAJECTORIES}: run with --trajectories "
+              f"{SWEEP_TRAJECTORIES} for the full sweep's figures)")
+
+
+def adam_floor(threads: int) -> float | None:
+    """ns per parameter update of adam_floor.c, compiled and run as its header says (None: skipped)."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        print("arithmetic floor skipped: gcc not found")
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        binary = Path(tmp) / "adam_floor"
+        build = subprocess.run([gcc, "-O3", "-march=native", "-fno-math-errno", "-fopenmp",
+                                str(ADAM_FLOOR), "-o", str(binary), "-lm"], capture_output=True, text=True)
+        if build.returncode != 0:
+            errors = [line for line in build.stderr.splitlines() if "error" in line] or [f"exit {build.returncode}"]
+            print(f"arithmetic floor skipped: gcc failed to build {ADAM_FLOOR.name}: {errors[0].strip()}")
+            return None
+        run = subprocess.run([str(binary)], capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    match = re.search(r"([0-9.]+) ns per parameter update", run.stdout)
+    if run.returncode != 0 or match is None:
+        print(f"arithmetic floor skipped: {ADAM_FLOOR.name} printed no figure (exit {run.returncode})")
+        return None
+    print(f"arithmetic floor (adam_floor.c, gcc -O3 -march=native -fopenmp, OMP_NUM_THREADS={threads}, this run):")
+    for line in run.stdout.strip().splitlines():
+        print(f"  {line.strip()}")
+    return float(match.group(1))
 
 
 def load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def groups(args: argparse.Namespace, device: torch.device) -> None:
+def groups(args: argparse.Namespace, device: torch.device, floor_ns: float | None) -> None:
     """ns per parameter update of the fused step for each group size, interleaved and repeated."""
     import torch._dynamo
     torch._dynamo.config.recompile_limit = 64  # one compilation per group size (and output strides)
@@ -151,7 +262,8 @@ def groups(args: argparse.Namespace, device: torch.device) -> None:
     for g in sizes:
         ns = statistics.median(measured[g])
         print(f"  G={g:4d}: median {ns:.2f} ns/update (min {min(measured[g]):.2f}) => full sweep "
-              f"{ns * FULL_SWEEP_UPDATES / 1e9 / 60:.0f} min of steps")
+              f"{ns * FULL_SWEEP_UPDATES / 1e9 / 60:.0f} min of steps"
+              + (f"; {ns / floor_ns:.1f}x the arithmetic floor" if floor_ns else ""))
     print(f"  load average after: {load()}")
 
 
@@ -183,10 +295,16 @@ def unfrozen(args: argparse.Namespace, device: torch.device) -> None:
         optimiser.step()
     sync(device)
     single = (time.perf_counter() - start) / 20
-    print(f"unfrozen ANML: {len(lrs)} trajectories under vmap {vmapped * 1e3:.0f} ms/step "
-          f"({vmapped / len(lrs) * 1e3:.0f} ms per trajectory-step, incl. evaluations); one trajectory with "
-          f"torch.optim.Adam {single * 1e3:.0f} ms/step")
-    print(f"  => 600 classes x 120 trajectories: {min(vmapped / len(lrs), single) * 9000 * 120 / 3600:.1f} h")
+    per_trajectory = vmapped / len(lrs)
+    print(f"unfrozen ANML (every parameter learns), same run: {len(lrs)} trajectories under vmap "
+          f"{vmapped * 1e3:.0f} ms/step ({per_trajectory * 1e3:.0f} ms per trajectory-step, incl. evaluations); "
+          f"reference design, one trajectory with torch.optim.Adam, {single * 1e3:.0f} ms/step")
+    print(f"  per trajectory-step: metacl (vmap) is {single / per_trajectory:.1f}x the reference "
+          f"({single * 1e3:.0f} / {per_trajectory * 1e3:.0f} ms)")
+    print(f"  => 600 classes x 120 trajectories: metacl {per_trajectory * 1e3:.0f} ms x {SWEEP_STEPS:,} x "
+          f"{SWEEP_TRAJECTORIES} = {per_trajectory * SWEEP_STEPS * SWEEP_TRAJECTORIES / 3600:.1f} h; reference "
+          f"{single * 1e3:.0f} ms x {SWEEP_STEPS:,} x {SWEEP_TRAJECTORIES} = "
+          f"{single * SWEEP_STEPS * SWEEP_TRAJECTORIES / 3600:.1f} h")
 
 
 def main() -> None:
@@ -208,13 +326,23 @@ def main() -> None:
     parser.add_argument("--unfrozen-trajectories", type=int, default=4)
     parser.add_argument("--skip-unfrozen", action="store_true")
     parser.add_argument("--skip-frozen", action="store_true")
+    parser.add_argument("--reference-steps", type=int, default=200,
+                        help="timed steps of the reference design (after up to 10 warm-up steps)")
+    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--floor", action="store_true",
+                        help="compile adam_floor.c with gcc, run it, print the ratio to its ns/update")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    print(hardware_summary(device), flush=True)
+    floor_ns = adam_floor(args.threads) if args.floor else None
     if args.groups:
-        groups(args, device)
-    if not args.skip_frozen:
-        frozen(args, device)
+        groups(args, device, floor_ns)
+    ours = None if args.skip_frozen else frozen(args, device, floor_ns)
+    if not args.skip_reference:
+        reference_step = reference(args, device)
+        if ours is not None:
+            compare(ours, reference_step)
     if not args.skip_unfrozen:
         unfrozen(args, device)
 

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from metacl.core.environment import hardware_summary
 from metacl.scenes.generate import DEFAULT_BATCH_SIZE, render_images
 from metacl.scenes.render import SceneRenderer
 
@@ -57,6 +58,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(hardware_summary("cpu"), flush=True)
+    if torch.cuda.is_available():
+        print(hardware_summary("cuda"), flush=True)
     measure("cpu", args.images, args.height, args.width, args.batch_size)
     if torch.cuda.is_available():
         measure("cuda", max(args.images, 8192), args.height, args.width, 1024)
