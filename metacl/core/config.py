@@ -1,8 +1,9 @@
 """Typed experiment configs: dataclasses, loaded from YAML plus dotted `key=value` overrides.
 
 Every config is a tree of dataclasses. Loading validates the whole tree: an unknown key, a value
-of the wrong type or a value outside a `Literal` gets a `ConfigError` that names the key and the
-valid choices. Each field carries a docstring (the string literal under it), which
+of the wrong type, a value outside a `Literal` or outside a field's range (`Positive`,
+`NonNegative`, `Fraction`, ... below; every float must be finite) gets a `ConfigError` that names
+the key and the valid values, before any run folder or file exists. Each field carries a docstring (the string literal under it), which
 `describe()` reads back for `metacl config describe`.
 
 A YAML file may start with `extends: other.yaml` (a path relative to the file) to inherit
@@ -13,11 +14,12 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 
@@ -26,14 +28,86 @@ from .errors import ConfigError
 T = typing.TypeVar("T")
 
 
+# ---------------------------------------------------------------------------------- ranges
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Bounds of a number field, used as `Annotated[int, Range(1)]` (see the aliases below)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def check(self, value: Any, key: str) -> None:
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if below or above:
+            raise ConfigError(f"{key}: {value!r} is out of range; valid values: {self.describe()}")
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"{'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        return f"{'<' if self.high_open else '<='} {_num(self.high)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class NonEmpty:
+    """A list field that must hold at least one item."""
+
+    def check(self, value: Any, key: str) -> None:
+        if not value:
+            raise ConfigError(f"{key}: must not be empty")
+
+    def describe(self) -> str:
+        return "non-empty"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+Positive = Annotated[int, Range(1)]
+"""An integer >= 1: sizes, counts, intervals."""
+NonNegative = Annotated[int, Range(0)]
+"""An integer >= 0 (0 usually meaning "off")."""
+PositiveFloat = Annotated[float, Range(0, low_open=True)]
+"""A float > 0: learning rates, budgets."""
+NonNegativeFloat = Annotated[float, Range(0)]
+"""A float >= 0: weight decay, clipping norms (0 = off)."""
+Fraction = Annotated[float, Range(0, 1, low_open=True, high_open=True)]
+"""A share strictly between 0 and 1."""
+
+
 # ---------------------------------------------------------------------------------------- YAML
-def read_yaml(path: str | Path) -> dict[str, Any]:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a key given twice in one mapping (instead of last-wins)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r} (line {seen[key] + 1} and line "
+                                  f"{key_node.start_mark.line + 1}); keep one of them")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a config file, following `extends:` chains."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {error.start}); save it as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(data, dict):
@@ -41,7 +115,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     parent = data.pop("extends", None)
     if parent is None:
         return data
-    return deep_merge(read_yaml(path.parent / parent), data)
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"{path}: extends must be the path of another config file, got {parent!r}")
+    chain = (*_chain, path.resolve())
+    target = (path.parent / parent).resolve()
+    if target in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, target))
+        raise ConfigError(f"{path}: extends forms a cycle: {cycle}")
+    return deep_merge(read_yaml(target, chain), data)
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -85,7 +166,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"'{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     for key in data:
         if key not in fields:
             where = f" under '{prefix.rstrip('.')}'" if prefix else ""
@@ -110,14 +191,25 @@ def _default(field: dataclasses.Field) -> Any:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Annotated:
+        base, *constraints = typing.get_args(tp)
+        return f"{_type_name(base)} {' '.join(c.describe() for c in constraints)}"
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
+        return value
+    if origin is Annotated:
+        base, *constraints = args
+        value = _coerce(base, value, key)
+        for constraint in constraints:
+            constraint.check(value, key)
         return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value if value is not None else {}, key + ".")
@@ -164,14 +256,19 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: {value!r} is not a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -231,7 +328,7 @@ def describe(cls: type, prefix: str = "", instance: Any = None) -> list[tuple[st
     (e.g. a smaller protocol) shows those.
     """
     rows = []
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     docs = field_docs(cls)
     instance = cls() if instance is None else instance
     for field in dataclasses.fields(cls):

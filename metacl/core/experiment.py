@@ -29,7 +29,7 @@ from typing import Any, Iterable
 import torch
 
 from ..tracking import TrackingConfig
-from .config import ConfigError, from_dict, apply_overrides, read_yaml, to_dict
+from .config import ConfigError, Positive, from_dict, apply_overrides, read_yaml, to_dict
 from .device import resolve_device
 from .errors import DataError, RunDiverged, RunInterrupted
 from .run import Mode, Run
@@ -53,7 +53,7 @@ class ExperimentConfig:
     """The one seed behind every random choice of the run."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
-    threads: int | None = None
+    threads: Positive | None = None
     """torch CPU threads for this run; None keeps torch's default (launchers set it per worker)."""
     out_dir: str = "runs"
     """Parent folder of run directories."""

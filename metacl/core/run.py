@@ -212,6 +212,18 @@ class Run:
             self.lock.release()
 
 
+def tensor_digest(*tensors: torch.Tensor, max_rows: int = 4096) -> str:
+    """A content hash of tensors for data.json: shapes, dtypes and up to `max_rows` evenly spaced
+    rows of each (every row of small data), so it costs milliseconds even for gigabytes."""
+    import hashlib
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(f"{tuple(tensor.shape)} {tensor.dtype}".encode())
+        rows = tensor[::max(1, -(-tensor.shape[0] // max_rows))] if tensor.ndim else tensor
+        digest.update(rows.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _file_logger(path: Path) -> logging.Logger:
     logger = logging.getLogger(f"metacl.run.{path.resolve()}")
     logger.setLevel(logging.INFO)

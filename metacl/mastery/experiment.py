@@ -19,15 +19,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 
 from ..core.checkpoint import load_checkpoint
-from ..core.errors import ConfigError, DataError, RunInterrupted
+from ..core.config import (Fraction, NonEmpty, NonNegative, NonNegativeFloat, Positive,
+                           PositiveFloat, Range)
+from ..core.errors import ConfigError, DataError, RunDiverged, RunInterrupted
 from ..core.experiment import ExperimentConfig
 from ..core.progress import progress
+from ..core.run import tensor_digest
 from ..core.seeding import derive_seed, generator_state, set_generator_state, torch_generator
 from ..models import build_model
 from ..models.mastery import NUM_QUERIES
@@ -41,15 +44,15 @@ from .orders import FEATURES_PER_DIMENSION, NUM_FEATURES, heterogeneous_order, l
 class DataConfig:
     path: str | None = None
     """Scenes HDF5 file (metacl or reference layout). None generates one under data_dir on first use; a path that does not exist yet is generated there."""
-    num_images: int = 50000
+    num_images: Positive = 50000
     """Images to generate when the file does not exist yet."""
-    height: int = 120
+    height: Positive = 120
     """Image height in pixels when generating."""
-    width: int = 160
+    width: Positive = 160
     """Image width in pixels when generating."""
     generator_seed: int = 0
     """Seed of the generated dataset (independent of the run's seed, so runs share one file)."""
-    test_fraction: float = 0.1
+    test_fraction: Fraction = 0.1
     """Held-out share: the last round(test_fraction * N) images are never trained on."""
 
 
@@ -57,13 +60,13 @@ class DataConfig:
 class ModelConfig:
     name: Literal["cnn-mlp", "query-modulated", "task-conditional"] = "cnn-mlp"
     """cnn-mlp (the paper's), query-modulated (per-channel conv bias from the query) or task-conditional (query gate/shift before every conv)."""
-    channels: list[int] = field(default_factory=lambda: [16, 32, 48, 64])
+    channels: Annotated[list[Positive], NonEmpty()] = field(default_factory=lambda: [16, 32, 48, 64])
     """Filters of each conv block (each block halves the image)."""
-    hidden: list[int] = field(default_factory=lambda: [512, 512, 512, 512])
+    hidden: list[Positive] = field(default_factory=lambda: [512, 512, 512, 512])
     """Units of each hidden MLP layer."""
     dropout: bool = False
     """Spatial dropout 0.2 in the conv blocks and 0.5 in the MLP."""
-    levels: list[int] = field(default_factory=lambda: [1])
+    levels: Annotated[list[Positive], NonEmpty()] = field(default_factory=lambda: [1])
     """query-modulated only: conv layers (1-based) whose output gets the query bias."""
     conditioning: Literal["multiplicative", "additive", "both"] = "multiplicative"
     """task-conditional only: x * sigmoid(W_m q), x + W_a q, or both, before every conv."""
@@ -75,11 +78,11 @@ class TasksConfig:
     """sequential (one new task per episode), simultaneous (all tasks at once) or heterogeneous (sequential, cycling through the 3 dimensions)."""
     dimension: int | None = 0
     """0 colour, 1 shape, 2 texture. simultaneous with None trains all 30 features."""
-    num_tasks: int = 10
+    num_tasks: Positive = 10
     """Episodes (tasks) of a sequential or heterogeneous run."""
     order: Literal["williams", "legacy", "explicit"] = "williams"
     """williams: balanced Latin square row; legacy: the reference's exact orders; explicit: the `explicit` list."""
-    order_index: int | None = None
+    order_index: NonNegative | None = None
     """Row of the square; None uses the run's seed."""
     square_seed: int = 0
     """Seed that relabels the Williams square (legacy: that shuffles the reference square)."""
@@ -91,43 +94,43 @@ class TasksConfig:
 
 @dataclass
 class TrainConfig:
-    lr: float = 5e-4
+    lr: PositiveFloat = 5e-4
     """Adam learning rate."""
-    weight_decay: float = 1e-4
+    weight_decay: NonNegativeFloat = 1e-4
     """Adam weight decay."""
-    batch_size: int = 1500
+    batch_size: Positive = 1500
     """Trials per optimiser step."""
-    eval_batch_size: int = 2500
+    eval_batch_size: Positive = 2500
     """Test images per forward pass (memory only; results do not depend on it)."""
-    epoch_size: int | None = None
+    epoch_size: Positive | None = None
     """Trials per epoch; None uses the whole training split (45,000 for a 50k file)."""
-    new_task_share: float = 0.5
+    new_task_share: Fraction = 0.5
     """Share of an epoch given to the new task once earlier tasks exist (22,500 of 45,000)."""
     curriculum: Curriculum = "uniform"
     """How earlier tasks share the rest: uniform, ratio (r^(t-1)) or power ((E-t+1)^(-alpha))."""
-    ratio: float = 1.25
+    ratio: PositiveFloat = 1.25
     """r of the ratio curriculum."""
-    alpha: float = 1.14
+    alpha: NonNegativeFloat = 1.14
     """alpha of the power curriculum."""
-    criterion: float = 0.95
+    criterion: Fraction = 0.95
     """Test accuracy a task must exceed."""
     criterion_tasks: Literal["all", "new"] = "all"
     """An episode ends when all seen tasks pass the criterion, or only the new one."""
-    max_epochs_per_episode: int = 100
+    max_epochs_per_episode: Positive = 100
     """Cap: an episode that has not passed by then ends anyway (recorded as not reached)."""
-    min_minority: float = 0.2
+    min_minority: Annotated[float, Range(0, 0.5)] = 0.2
     """Each task's sample is redrawn until its minority class is at least this share."""
 
 
 @dataclass
 class ForgettingConfig:
-    after_episode: int | None = None
+    after_episode: Positive | None = None
     """Run the forgetting experiment from the end of episode E (None: off)."""
     source_run: str | None = None
     """Run directory whose `episode-E` checkpoint to start from; None trains episodes 1..E here first."""
-    subepoch_trials: int = 1500
+    subepoch_trials: Positive = 1500
     """Trials of the new task between tests."""
-    max_subepochs: int = 200
+    max_subepochs: Positive = 200
     """Cap on sub-epochs if the new task never passes the criterion."""
 
 
@@ -292,6 +295,13 @@ def check_config(config: Config) -> None:
                               f"({config.tasks.num_tasks - 1}) so that a new task follows it")
 
 
+def check_finite(losses: list[float], where: str) -> None:
+    """Stop a run whose training loss is NaN or infinite (its last checkpoint stays finite)."""
+    if not all(math.isfinite(loss) for loss in losses):
+        raise RunDiverged(f"the training loss became {losses} at {where}; lower train.lr or "
+                          f"check the data")
+
+
 class Mastery:
     """State and loop of one run; `state()` is everything a checkpoint needs to resume exactly."""
 
@@ -378,6 +388,7 @@ class Mastery:
                                           train.min_minority)
             stats = train_trials(self.model, self.optimizer, self.data, images, task_ids, tasks,
                                  train.batch_size, self.run)
+            check_finite(stats["loss"], f"epoch {self.global_epoch + 1} (episode {self.episode + 1})")
             test = evaluate(self.model, self.data, tasks, train.eval_batch_size)
             self.epoch_in_episode += 1
             self.global_epoch += 1
@@ -452,8 +463,9 @@ class Mastery:
         while self.subepoch < spec.max_subepochs:
             images, task_ids = draw_epoch(self.train_labels, [new], [spec.subepoch_trials],
                                           self.sampler, train.min_minority)
-            train_trials(self.model, self.optimizer, self.data, images, task_ids, [new],
-                         train.batch_size, self.run)
+            stats = train_trials(self.model, self.optimizer, self.data, images, task_ids, [new],
+                                 train.batch_size, self.run)
+            check_finite(stats["loss"], f"forgetting sub-epoch {self.subepoch + 1}")
             test = evaluate(self.model, self.data, tasks, train.eval_batch_size)
             self.subepoch += 1
             self.cumulative_trials += spec.subepoch_trials
@@ -480,6 +492,9 @@ def run(config: Config, run) -> dict:
     check_config(config)
     path = resolve_data_path(config)
     data = scene_data.load(path, config.data.test_fraction, run.device)
+    run.check_data({"path": str(path.resolve()), "images": data.num_images,
+                    "image_size": list(data.image_size), "num_train": data.num_train,
+                    "content": tensor_digest(data.images, data.labels)})
     run.log.info("data %s: %d train + %d held-out test images of %dx%d on %s", path,
                  data.num_train, data.num_test, *data.image_size, data.device)
     mastery = Mastery(config, run, data)

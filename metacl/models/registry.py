@@ -47,9 +47,29 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
     try:
         model = _REGISTRY[name](**spec)
     except TypeError as error:
-        raise ConfigError(f"model {name!r}: {error}") from None
+        import inspect
+        valid = [p for p in inspect.signature(_REGISTRY[name]).parameters if p != "self"]
+        raise ConfigError(f"model {name!r}: {error}; valid arguments: {', '.join(valid)}") from None
     model.metacl_spec = {"name": name, **spec}
     return model
+
+
+def check_model_spec(spec: Mapping[str, Any], key: str = "model") -> None:
+    """Refuse a spec whose model cannot be built (unknown or bad constructor arguments), before
+    any run starts: the model is built on the `meta` device, which allocates nothing."""
+    import warnings
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = build_model(spec)
+    except ConfigError as error:
+        raise ConfigError(f"{key}: {error}") from None
+    except Exception as error:  # a constructor's own checks, or arithmetic on impossible sizes
+        raise ConfigError(f"{key} {dict(spec)}: cannot be built ({type(error).__name__}: {error})") from None
+    empty = [name for name, p in model.named_parameters() if p.numel() == 0]
+    if empty:
+        raise ConfigError(f"{key} {dict(spec)}: layers with no units ({', '.join(empty[:3])}); every "
+                          f"channel and width must be at least 1")
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:

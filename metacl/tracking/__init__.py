@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Mapping, Protocol
 
+from ..core.config import Positive
 from ..core.errors import ConfigError
 
 BACKENDS = ("console", "tensorboard", "wandb")
@@ -20,7 +21,7 @@ BACKENDS = ("console", "tensorboard", "wandb")
 class TrackingConfig:
     backends: list[str] = field(default_factory=lambda: ["console"])
     """Where scalars go: any of console, tensorboard, wandb. The tidy tables are always written."""
-    console_every: int = 1
+    console_every: Positive = 1
     """Print every n-th logged step to the console (1 prints all)."""
     wandb_project: str = "metacl"
     """Weights & Biases project name."""

@@ -13,7 +13,7 @@ stacked matrix maths (`adam.linear_step`), anything else as `torch.func.vmap` ov
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from ...core.config import NonEmpty, NonNegative, Positive, PositiveFloat
 from ...core.errors import ConfigError
 from ...core.progress import progress
 from ...core.seeding import torch_generator
@@ -48,28 +49,28 @@ class ProtocolConfig:
     to one-hot labels, on its input features of `init_size` support images."""
     reinit_params: list[str] = field(default_factory=lambda: ["fc"])
     """Parameter-name prefixes to re-initialise before learning ([] re-initialises nothing)."""
-    opt_params: list[str] = field(default_factory=lambda: ["fc"])
+    opt_params: Annotated[list[str], NonEmpty()] = field(default_factory=lambda: ["fc"])
     """Parameter-name prefixes that learn ("all" = every parameter, the unfrozen flavour); the rest are frozen."""
-    init_size: int | None = None
+    init_size: Positive | None = None
     """Support images for the lstsq re-initialisation, drawn at random (all of them when it exceeds the
     support set); None takes one image per class, as the reference does."""
-    classes: list[int] = field(default_factory=lambda: list(REFERENCE_CLASSES))
+    classes: Annotated[list[Positive], NonEmpty()] = field(default_factory=lambda: list(REFERENCE_CLASSES))
     """Class counts to evaluate; each is a separate sweep with its own class draws."""
-    train_examples: int = 15
+    train_examples: Positive = 15
     """Images per class learned from (the support set); the retention measurement."""
-    test_examples: int = 5
+    test_examples: Positive = 5
     """Held-out images per class; the generalisation measurement."""
-    lrs: list[float] = field(default_factory=lambda: list(REFERENCE_LRS))
+    lrs: Annotated[list[PositiveFloat], NonEmpty()] = field(default_factory=lambda: list(REFERENCE_LRS))
     """Adam learning rates to sweep (ignored by zero-shot)."""
-    runs: int = 10
+    runs: Positive = 10
     """Repeats per learning rate, each with its own class draw, split and re-initialisation."""
-    eval_freq: int = 0
+    eval_freq: NonNegative = 0
     """Evaluate after the first class, every `eval_freq` classes and at the end; 0 = only at the end."""
-    epochs: int = 1
+    epochs: Positive = 1
     """Passes over the support set (iid only)."""
-    batch_size: int = 256
+    batch_size: Positive = 256
     """Minibatch size (iid only)."""
-    memory_gb: float = 2.0
+    memory_gb: PositiveFloat = 2.0
     """Memory for trajectory state (weights, Adam moments, temporaries); sets how many trajectories run at once."""
     trajectory_group: int = 0
     """Linear-head trajectories advanced together, step after step, before the next group starts

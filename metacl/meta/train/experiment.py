@@ -15,17 +15,22 @@ state) every `checkpoint_every` steps, so `--resume` continues exactly.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 
-from ...core.errors import ConfigError, RunInterrupted
+from ...core.config import (NonEmpty, NonNegative, NonNegativeFloat, Positive, PositiveFloat,
+                            Range)
+from ...core.errors import ConfigError, RunDiverged, RunInterrupted
 from ...core.experiment import ExperimentConfig
 from ...core.progress import progress
+from ...core.run import tensor_digest
 from ...core.seeding import derive_seed, generator_state, set_generator_state, torch_generator
 from ...models import build_model, save_model, select_parameters
+from ...models.registry import check_model_spec
 from ..eval.experiment import SPLITS, evaluate_checkpoint
 from ..eval.protocol import ProtocolConfig
 from ..eval.report import best_learning_rates
@@ -40,85 +45,85 @@ class DataConfig:
     """Dataset name for metacl.meta.data.load_dataset."""
     split: str = "background"
     """Split to train on (Omniglot: background; evaluation is for meta-testing)."""
-    image_size: int = 28
+    image_size: Positive = 28
     """Image side in pixels (28 for ANML/SANML, 84 for OML)."""
     first_963: bool = False
     """Use the first 963 background classes, as the original ANML and OML did."""
-    val_classes: int = 0
+    val_classes: NonNegative = 0
     """Classes held out of training as a validation pool (0: none)."""
     augment: bool = False
     """Random-resized-crop augmentation of each episode's (or batch's) images."""
-    crop_scale: tuple[float, float] = (0.8, 1.0)
+    crop_scale: tuple[Annotated[float, Range(0, 1, low_open=True)], Annotated[float, Range(0, 1, low_open=True)]] = (0.8, 1.0)
     """Area range of the random-resized crop."""
 
 
 @dataclass
 class EpisodeConfig:
-    episodes: int = 25000
+    episodes: Positive = 25000
     """Number of episodes (meta, sequential_episodic)."""
     sample_method: SampleMethod = "single"
     """single: every inner image from one random class; uniform: from random training images."""
-    batch_size: int = 1
+    batch_size: Positive = 1
     """Images per inner-loop step."""
-    num_batches: int = 20
+    num_batches: Positive = 20
     """Inner-loop steps per pass through the trajectory."""
-    train_cycles: int = 1
+    train_cycles: Positive = 1
     """Passes through the trajectory (inner steps = num_batches * train_cycles)."""
-    remember_size: int = 64
+    remember_size: NonNegative = 64
     """Random training images added to the meta batch."""
     remember_only: bool = False
     """Leave the trajectory's images out of the meta batch."""
-    inner_lr: float = 0.1
+    inner_lr: PositiveFloat = 0.1
     """Inner-loop SGD learning rate."""
-    outer_lr: float = 1e-3
+    outer_lr: PositiveFloat = 1e-3
     """Outer-loop Adam learning rate."""
-    inner_params: list[str] = field(default_factory=lambda: ["all"])
+    inner_params: Annotated[list[str], NonEmpty()] = field(default_factory=lambda: ["all"])
     """Parameter-name prefixes adapted in the inner loop (all = every parameter)."""
-    outer_params: list[str] = field(default_factory=lambda: ["all"])
+    outer_params: Annotated[list[str], NonEmpty()] = field(default_factory=lambda: ["all"])
     """Parameter-name prefixes the outer Adam step updates."""
     zap: bool = True
     """Re-initialise (kaiming-normal) the output rows of the episode's classes first."""
-    max_grad_norm: float = 0.0
+    max_grad_norm: NonNegativeFloat = 0.0
     """Clip the outer gradient to this norm (0: no clipping)."""
 
 
 @dataclass
 class IIDConfig:
-    max_steps: int = 10000
+    max_steps: Positive = 10000
     """Minibatch steps."""
-    batch_size: int = 256
+    batch_size: Positive = 256
     """Images per minibatch."""
     optimizer: Literal["adam", "sgd"] = "adam"
     """Optimiser."""
-    lr: float = 1e-3
+    lr: PositiveFloat = 1e-3
     """Base learning rate."""
-    momentum: float = 0.9
+    momentum: Annotated[float, Range(0, 1, high_open=True)] = 0.9
     """SGD momentum."""
-    weight_decay: float = 0.0
+    weight_decay: NonNegativeFloat = 0.0
     """L2 weight decay."""
     schedule: Literal["constant", "step", "cosine"] = "constant"
     """Learning-rate schedule over max_steps."""
-    step_size: int = 1000
+    step_size: Positive = 1000
     """Steps between decays of the step schedule."""
-    gamma: float = 0.1
+    gamma: PositiveFloat = 0.1
     """Decay factor of the step schedule."""
-    max_grad_norm: float = 0.0
+    max_grad_norm: NonNegativeFloat = 0.0
     """Clip the gradient to this norm (0: no clipping)."""
-    zap_every: int = 0
+    zap_every: NonNegative = 0
     """Zap `zap_size` random output rows every this many steps (0: never)."""
-    zap_size: int = 0
+    zap_size: NonNegative = 0
     """Output rows zapped each time."""
 
 
 @dataclass
 class EvalConfig:
-    every: int = 1000
+    every: NonNegative = 1000
     """Steps between continual trials on the training and validation pools (0: never)."""
-    classes: int = 10
+    classes: Positive = 10
     """Classes learned, one after another, in each trial."""
-    train_per_class: int = 15
+    train_per_class: Positive = 15
     """Images per class learned (one SGD step each); the class's other images test it."""
-    lr: float | None = None
+    lr: PositiveFloat | None = None
     """Trial SGD learning rate; None uses train.inner_lr."""
     params: list[str] | None = None
     """Prefixes adapted in the trial; None uses train.inner_params (fc for iid)."""
@@ -153,16 +158,17 @@ class Config(ExperimentConfig):
     """Minibatch pre-training (algorithm iid)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Periodic accuracy on the training and validation pools."""
-    log_every: int = 10
+    log_every: Positive = 10
     """Steps (episodes or minibatches) per row of the train table."""
-    checkpoint_every: int = 500
+    checkpoint_every: Positive = 500
     """Steps between resumable checkpoints."""
-    eval_steps: list[int] = field(default_factory=list)
+    eval_steps: list[Positive] = field(default_factory=list)
     """Steps at which the model is saved as models/step-<n>.pt (and checkpointed) and meta-tested."""
     meta_test: MetaTestConfig = field(default_factory=MetaTestConfig)
     """The meta-test run at each of `eval_steps`."""
 
     def __post_init__(self) -> None:
+        check_model_spec(self.model)
         unknown = set(self.meta_test.splits) - set(SPLITS)
         if unknown:
             raise ConfigError(f"meta_test.splits has {sorted(unknown)}: valid splits are {' and '.join(SPLITS)}")
@@ -228,6 +234,9 @@ def check_input(model: torch.nn.Module, images: torch.Tensor) -> None:
 def run(config: Config, run) -> dict:
     device = run.device
     train_images, val_images = load_pools(config, device)
+    run.check_data({"dataset": config.data.dataset, "split": config.data.split,
+                    "train_pool": list(train_images.shape), "content": tensor_digest(
+                        train_images, *(() if val_images is None else (val_images,)))})
     num_classes, per_class = train_images.shape[:2]
     model = build(config, num_classes, device)
     check_input(model, train_images)
@@ -327,6 +336,11 @@ def run(config: Config, run) -> dict:
             batch, order = order[:config.iid.batch_size], order[config.iid.batch_size:]
             batch = batch.to(device)
             metrics = trainer.step(augment(flat_images[batch]), batch // per_class, step)
+        loss = metrics.get("meta_loss", metrics.get("loss"))
+        if loss is not None and not math.isfinite(loss):
+            bar.close()
+            raise RunDiverged(f"the {'meta-' if episodic else ''}loss became {loss} at step {step + 1} "
+                              f"(checkpoints before it are finite); lower the learning rate")
         step += 1
         bar.update()
         window.append(metrics)
