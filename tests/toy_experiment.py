@@ -38,6 +38,7 @@ class Config(ExperimentConfig):
 
 
 def run(config: Config, run) -> dict:
+    run.check_data({"source": os.environ.get("TOY_DATA", "v1")})  # what a real run fingerprints
     rng = torch_generator(config.seed, "walk")
     position, step = 0.0, 0
     state = run.load_checkpoint()
