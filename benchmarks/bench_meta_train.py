@@ -38,12 +38,13 @@ import torch.nn.functional as F
 
 from metacl.core.device import resolve_device
 from metacl.core.environment import hardware_summary
-from metacl.meta.train.algorithms import EpisodicTrainer
+from metacl.meta.train.algorithms import algorithm_class
+from metacl.meta.train.algorithms.episodic import EpisodeConfig
 from metacl.meta.train.episodes import Episode, EpisodeSampler
 from metacl.meta.train.functional import FunctionalModel, meta_loss, zap_rows
 from metacl.models import build_model, select_parameters
 
-INNER_LR, OUTER_LR = 0.1, 1e-3  # EpisodicTrainer's defaults, used by both designs
+INNER_LR, OUTER_LR = EpisodeConfig.inner_lr, EpisodeConfig.outer_lr  # the defaults, used by both designs
 MODELS = {  # spec, image size, inner parameters (as the configs in configs/meta/)
     "anml": ({"name": "anml"}, 28, ["rln", "fc"]),
     "sanml": ({"name": "sanml"}, 28, ["all"]),
@@ -188,9 +189,10 @@ def main() -> None:
     reference_model = copy.deepcopy(model)  # the same initial weights for the reference design
     images = torch.rand(964, 20, 1, size, size, device=device)
     generator = torch.Generator().manual_seed(0)
-    sampler = EpisodeSampler(images, generator)
-    trainer = EpisodicTrainer(model, args.algorithm, list(select_parameters(model, inner_prefixes)),
-                              list(select_parameters(model, "all")))
+    # one generator draws the episodes and zaps, as the reference design below replays it
+    trainer = algorithm_class(args.algorithm)(
+        model, images, EpisodeConfig(inner_params=inner_prefixes, outer_params=["all"]),
+        {"sample": generator, "zap": generator})
 
     higher, reference_note = None, None
     if args.skip_reference:
@@ -210,7 +212,7 @@ def main() -> None:
               flush=True)
 
     def episode() -> None:
-        trainer.step(sampler.sample(), generator)
+        trainer.step(0)
         sync(device)
 
     for _ in range(args.warmup):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import signal
 from pathlib import Path
@@ -15,7 +16,11 @@ import metacl.meta.train.experiment as meta_experiment
 from metacl.core.errors import ConfigError, RunInterrupted
 from metacl.core.experiment import execute, load_experiment_config
 from metacl.models import build_model, load_model, select_parameters
-from metacl.meta.train.algorithms import EpisodicTrainer, lr_factor
+from metacl.meta.train.algorithms import algorithm_class, available_algorithms, register_algorithm
+from metacl.meta.train.algorithms.episodic import EpisodeConfig
+from metacl.meta.train.algorithms.iid import lr_factor
+from metacl.meta.train.algorithms.meta import Meta
+from metacl.meta.train.algorithms.sequential_episodic import SequentialEpisodic
 from metacl.meta.train.episodes import EpisodeSampler
 from metacl.meta.train.functional import FunctionalModel, continual_trial, meta_loss, zap_rows
 
@@ -29,6 +34,13 @@ TINY_CONVNET = ("{name: convnet, num_blocks: 2, num_filters: 4, norm: in, image_
 def pool(classes=6, per_class=10, seed=0, dtype=torch.float32, size=22):
     return torch.rand(classes, per_class, 1, size, size,
                       generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def trainer(cls, model, inner, outer, *, zap_seed=0, **settings):
+    """An episodic algorithm on a given model, to drive with pre-sampled episodes."""
+    config = EpisodeConfig(inner_params=list(inner), outer_params=list(outer), **settings)
+    streams = {"sample": torch.Generator().manual_seed(0), "zap": torch.Generator().manual_seed(zap_seed)}
+    return cls(model, pool(per_class=20), config, streams)  # its own sampler stays unused
 
 
 def tiny_model(spec=TINY_ANML, seed=0, dtype=torch.float32):
@@ -95,13 +107,11 @@ def test_trainer_zaps_the_episode_class_before_learning():
                              remember_size=2).sample()
     before = model.fc.weight.detach().clone()
     # fc adapts in the inner loop only (not an outer parameter): what stays is the zap alone
-    trainer = EpisodicTrainer(model, "meta", ["fc.weight", "fc.bias"], ["rln.0.0.weight"])
-    trainer.step(episode, torch.Generator().manual_seed(5))
+    trainer(Meta, model, ["fc.weight", "fc.bias"], ["rln.0.0.weight"], zap_seed=5).train_episode(episode)
     changed = (model.fc.weight != before).any(1)
     assert changed.nonzero().flatten().tolist() == episode.inner_classes.tolist()
     unzapped = copy.deepcopy(model)
-    EpisodicTrainer(unzapped, "meta", ["fc.weight"], ["rln.0.0.weight"], zap=False).step(
-        episode, torch.Generator())
+    trainer(Meta, unzapped, ["fc.weight"], ["rln.0.0.weight"], zap=False).train_episode(episode)
     assert torch.equal(unzapped.fc.weight, model.fc.weight)
 
 
@@ -173,10 +183,8 @@ def test_sequential_episodic_outer_step_sees_only_the_meta_gradient():
     reference = copy.deepcopy(model)
     episode = EpisodeSampler(pool(), torch.Generator().manual_seed(6), num_batches=4,
                              remember_size=4).sample()
-    trainer = EpisodicTrainer(model, "sequential_episodic", list(dict(model.named_parameters())),
-                              list(dict(model.named_parameters())), inner_lr=0.1, outer_lr=0.01,
-                              zap=False)
-    trainer.step(episode, torch.Generator())
+    trainer(SequentialEpisodic, model, ["all"], ["all"], inner_lr=0.1, outer_lr=0.01,
+            zap=False).train_episode(episode)
 
     params = list(reference.parameters())
     inner_grad_sum = [torch.zeros_like(p) for p in params]
@@ -208,8 +216,7 @@ def test_meta_step_updates_the_pre_episode_weights():
     episode = EpisodeSampler(pool(), torch.Generator().manual_seed(7), num_batches=3,
                              remember_size=4).sample()
     names = list(dict(model.named_parameters()))
-    trainer = EpisodicTrainer(model, "meta", names, names, inner_lr=0.1, outer_lr=0.01, zap=False)
-    trainer.step(episode, torch.Generator())
+    trainer(Meta, model, ["all"], ["all"], inner_lr=0.1, outer_lr=0.01, zap=False).train_episode(episode)
     params = dict(reference.named_parameters())
     loss = meta_loss(FunctionalModel(reference, names), params, names, episode, 0.1)[0]
     for p, g in zip(params.values(), torch.autograd.grad(loss, list(params.values()))):
@@ -262,13 +269,17 @@ def synthetic_pools(monkeypatch):
     monkeypatch.setattr(meta_experiment, "load_test_pool", lambda config, device: test_pool.to(device))
 
 
+TINY_TRAIN = {
+    "iid": ["train.max_steps=6", "train.batch_size=8", "train.zap_every=2", "train.zap_size=2"],
+    "episodic": ["train.episodes=6", "train.num_batches=3", "train.remember_size=4",
+                 "train.inner_params=[encoder.1, fc]"]}
+
+
 def tiny_config(tmp_path, algorithm, name, *extra):
     return load_experiment_config(None, [
         f"algorithm={algorithm}", f"out_dir={tmp_path}", f"name={name}", "quiet=true",
         "tracking.backends=[]", f"model={TINY_CONVNET}",
-        "train.episodes=6", "train.num_batches=3", "train.remember_size=4",
-        "train.inner_params=[encoder.1, fc]", "iid.max_steps=6", "iid.batch_size=8", "iid.zap_every=2",
-        "iid.zap_size=2", "log_every=2", "checkpoint_every=2", "eval.every=3", "eval.classes=2",
+        *TINY_TRAIN["iid" if algorithm == "iid" else "episodic"], "log_every=2", "checkpoint_every=2", "eval.every=3", "eval.classes=2",
         "eval.train_per_class=3", "eval_steps=[4]", "data.val_classes=2", "meta_test.splits=[val, test]",
         "meta_test.protocol.classes=[2, 4]", "meta_test.protocol.lrs=[0.001, 0.01]", "meta_test.protocol.runs=2",
         "meta_test.protocol.train_examples=3", "meta_test.protocol.test_examples=2",
@@ -280,8 +291,7 @@ def test_interrupted_and_resumed_run_ends_exactly_like_a_straight_run(tmp_path, 
                                                                      monkeypatch, algorithm):
     straight_path, straight = execute(tiny_config(tmp_path, algorithm, "straight"))
 
-    trainer_class = (meta_experiment.IIDTrainer if algorithm == "iid"
-                     else meta_experiment.EpisodicTrainer)
+    trainer_class = algorithm_class(algorithm)
     real_step = trainer_class.step
     calls = {"n": 0}
 
@@ -361,3 +371,60 @@ def test_shipped_configs_load(path):
     assert config.experiment == "meta-train"
     model = build_model(config.model)  # builds (no forward), so the spec is valid
     assert isinstance(model.fc, torch.nn.Linear)
+
+
+# ------------------------------------------------------------------ a new algorithm is one file
+@dataclasses.dataclass
+class ToySGDConfig:
+    steps: int = 5
+    """Minibatch steps."""
+    lr: float = 0.05
+    """SGD learning rate."""
+
+
+@register_algorithm("toy-sgd")
+class ToySGD:
+    """A test-only algorithm: plain SGD on random minibatches, to prove the contract is enough."""
+
+    Config = ToySGDConfig
+
+    def __init__(self, model, pool, config, streams, augment):
+        self.model, self.pool, self.config, self.streams = model, pool, config, streams
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+        self.steps, self.trial_params, self.trial_lr = config.steps, ["fc.weight"], 0.1
+
+    def step(self, step):
+        classes = torch.randint(self.pool.shape[0], (4,), generator=self.streams["sample"])
+        loss = F.cross_entropy(self.model(self.pool[classes, 0]), classes)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.item()}
+
+    def state_dict(self):
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def test_a_registered_algorithm_runs_resumes_and_is_described(tmp_path, synthetic_pools, capsys):
+    from metacl.cli import main
+    assert {"meta", "sequential_episodic", "iid", "toy-sgd"} <= set(available_algorithms())
+    overrides = [f"out_dir={tmp_path}", "quiet=true", "tracking.backends=[]", f"model={TINY_CONVNET}",
+                 "algorithm=toy-sgd", "train.steps=4", "train.lr=0.1", "log_every=1", "eval.every=0"]
+    path, final = execute(load_experiment_config(None, [*overrides, "name=toy"], "meta-train"))
+    assert pd.read_parquet(path / "train.parquet")["step"].tolist() == [1, 2, 3, 4]
+    with pytest.raises(ConfigError, match="unknown key 'train.episodes'; valid keys under 'train': steps, lr"):
+        load_experiment_config(None, [*overrides, "train.episodes=3"], "meta-train")
+    with pytest.raises(ConfigError, match="unknown algorithm 'nope'; valid choices: .*toy-sgd"):
+        load_experiment_config(None, [*overrides, "algorithm=nope"], "meta-train")
+    assert main(["config", "describe", "meta-train", "algorithm=toy-sgd"]) == 0
+    out = capsys.readouterr().out
+    assert "train.lr: float = 0.05\n    SGD learning rate." in out and "train.episodes" not in out
+
+
+def test_old_iid_configs_with_an_iid_section_still_load():
+    config = load_experiment_config(None, ["algorithm=iid", "iid.max_steps=7", "train.episodes=3",
+                                           "data.val_classes=0"], "meta-train")
+    assert config.train.max_steps == 7 and not hasattr(config, "iid")

@@ -10,6 +10,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     describe = sub.add_parser("describe", help="list every key of an experiment's config")
     describe.add_argument("experiment", help="mastery, meta-train or meta-eval")
+    describe.add_argument("overrides", nargs="*", metavar="key=value",
+                          help="values that choose sections, e.g. algorithm=iid for meta-train")
     describe.set_defaults(handler=_describe)
 
     show = sub.add_parser("show", help="print a config file resolved with overrides, validated")
@@ -19,9 +21,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _describe(args: argparse.Namespace) -> int:
-    from ..core.config import describe
+    from ..core.config import apply_overrides, describe, from_dict
     from ..core.experiment import experiment_module
-    for key, type_name, default, doc in describe(experiment_module(args.experiment).Config):
+    cls = experiment_module(args.experiment).Config
+    instance = from_dict(cls, apply_overrides({}, args.overrides))
+    for key, type_name, default, doc in describe(cls, instance=instance):
         print(f"{key}: {type_name} = {default!r}\n    {doc}")
     return 0
 

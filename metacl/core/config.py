@@ -333,8 +333,9 @@ def describe(cls: type, prefix: str = "", instance: Any = None) -> list[tuple[st
     instance = cls() if instance is None else instance
     for field in dataclasses.fields(cls):
         tp = hints[field.name]
-        if dataclasses.is_dataclass(tp):
-            rows.extend(describe(tp, f"{prefix}{field.name}.", getattr(instance, field.name)))
+        value = getattr(instance, field.name)
+        if dataclasses.is_dataclass(value):  # a typed section (or one chosen at load time)
+            rows.extend(describe(type(value), f"{prefix}{field.name}.", value))
         else:
             rows.append((prefix + field.name, _type_name(tp), getattr(instance, field.name),
                          docs.get(field.name, "")))

@@ -66,6 +66,12 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Experiment trackers (console, tensorboard, wandb)."""
 
+    @classmethod
+    def upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Rewrite a config written by an older metacl into today's layout (old run directories
+        keep loading and resuming); experiments whose layout changed override this."""
+        return data
+
 
 def experiment_module(name: str) -> ModuleType:
     """The module for a registered name, or for a dotted module path (a plugin experiment)."""
@@ -94,7 +100,8 @@ def load_experiment_config(path: str | Path | None, overrides: Iterable[str] = (
     if data.get("experiment", name) != name:
         raise ConfigError(f"{path}: is a {data['experiment']!r} config, not {name!r}")
     data["experiment"] = name
-    config = from_dict(experiment_module(name).Config, data)
+    cls = experiment_module(name).Config
+    config = from_dict(cls, cls.upgrade(data))
     if config.name is None:
         config = dataclasses.replace(config, name=default_run_name(config))
     return config
@@ -121,7 +128,7 @@ def execute(config: ExperimentConfig, mode: Mode = "new",
     check_run_name(config.name)
     path = Path(config.out_dir) / config.name
     if mode == "resume" and is_run_directory(path):
-        check_resume(path, to_dict(config), to_dict(type(config)()))
+        check_resume(path, config)
         status = read_status(path)
         if status["status"] == "complete":
             return path, status.get("final", {})

@@ -96,7 +96,7 @@ class Run:
                 clear_run_directory(path, out_dir)
             resumed = bool(existing) and mode == "resume"
             if resumed:
-                check_resume(path, to_dict(config), to_dict(type(config)()))
+                check_resume(path, config)
             else:
                 atomic.write_text(path / "config.yaml", to_yaml(config))
                 atomic.write_text(path / "env.json", json.dumps(environment(device), indent=2))

@@ -191,18 +191,20 @@ def config_differences(stored: dict[str, Any], new: dict[str, Any],
     return differences
 
 
-def check_resume(path: Path, config: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
+def check_resume(path: Path, config: Any) -> None:
     """Refuse to resume `path` with a config of another experiment or with other results-changing
     values: the run directory must keep describing what produced it."""
     import yaml
+    from .config import to_dict
     try:
         stored = yaml.safe_load((path / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
         raise MetaclError(f"cannot resume {path}: its config.yaml is unreadable ({error})") from None
-    if stored.get("experiment") != config.get("experiment"):
-        raise MetaclError(f"cannot resume {path} as a {config.get('experiment')!r} run: it is a "
+    if stored.get("experiment") != config.experiment:
+        raise MetaclError(f"cannot resume {path} as a {config.experiment!r} run: it is a "
                           f"{stored.get('experiment')!r} run; choose another name=")
-    differences = config_differences(stored, config, defaults)
+    cls = type(config)
+    differences = config_differences(cls.upgrade(stored), to_dict(config), to_dict(cls()))
     if differences:
         raise MetaclError(f"cannot resume {path} with a different config (a resumed run must be the "
                           f"run its directory describes); differing keys:\n  " +

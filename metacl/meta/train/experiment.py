@@ -14,29 +14,26 @@ state) every `checkpoint_every` steps, so `--resume` continues exactly.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
-import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import torch
 
-from ...core.config import (NonEmpty, NonNegative, NonNegativeFloat, Positive, PositiveFloat,
-                            Range)
-from ...core.errors import ConfigError, RunDiverged, RunInterrupted
+from ...core.config import NonNegative, Positive, PositiveFloat, Range, from_dict, to_dict
+from ...core.errors import ConfigError
 from ...core.experiment import ExperimentConfig
-from ...core.progress import progress
 from ...core.run import tensor_digest
-from ...core.seeding import derive_seed, generator_state, set_generator_state, torch_generator
+from ...core.seeding import derive_seed, torch_generator
 from ...models import build_model, save_model, select_parameters
 from ...models.registry import check_model_spec
 from ..eval.experiment import SPLITS, evaluate_checkpoint
 from ..eval.protocol import ProtocolConfig
 from ..eval.report import best_learning_rates
-from .algorithms import Algorithm, EpisodicTrainer, IIDTrainer
-from .episodes import EpisodeSampler, SampleMethod
-from .functional import FunctionalModel, continual_trial, zap_rows
+from .algorithms import algorithm_class
+from .functional import FunctionalModel, continual_trial
+from .loop import TrainingLoop
 
 
 @dataclass
@@ -53,66 +50,9 @@ class DataConfig:
     """Classes held out of training as a validation pool (0: none)."""
     augment: bool = False
     """Random-resized-crop augmentation of each episode's (or batch's) images."""
-    crop_scale: tuple[Annotated[float, Range(0, 1, low_open=True)], Annotated[float, Range(0, 1, low_open=True)]] = (0.8, 1.0)
+    crop_scale: tuple[Annotated[float, Range(0, 1, low_open=True)],
+                      Annotated[float, Range(0, 1, low_open=True)]] = (0.8, 1.0)
     """Area range of the random-resized crop."""
-
-
-@dataclass
-class EpisodeConfig:
-    episodes: Positive = 25000
-    """Number of episodes (meta, sequential_episodic)."""
-    sample_method: SampleMethod = "single"
-    """single: every inner image from one random class; uniform: from random training images."""
-    batch_size: Positive = 1
-    """Images per inner-loop step."""
-    num_batches: Positive = 20
-    """Inner-loop steps per pass through the trajectory."""
-    train_cycles: Positive = 1
-    """Passes through the trajectory (inner steps = num_batches * train_cycles)."""
-    remember_size: NonNegative = 64
-    """Random training images added to the meta batch."""
-    remember_only: bool = False
-    """Leave the trajectory's images out of the meta batch."""
-    inner_lr: PositiveFloat = 0.1
-    """Inner-loop SGD learning rate."""
-    outer_lr: PositiveFloat = 1e-3
-    """Outer-loop Adam learning rate."""
-    inner_params: Annotated[list[str], NonEmpty()] = field(default_factory=lambda: ["all"])
-    """Parameter-name prefixes adapted in the inner loop (all = every parameter)."""
-    outer_params: Annotated[list[str], NonEmpty()] = field(default_factory=lambda: ["all"])
-    """Parameter-name prefixes the outer Adam step updates."""
-    zap: bool = True
-    """Re-initialise (kaiming-normal) the output rows of the episode's classes first."""
-    max_grad_norm: NonNegativeFloat = 0.0
-    """Clip the outer gradient to this norm (0: no clipping)."""
-
-
-@dataclass
-class IIDConfig:
-    max_steps: Positive = 10000
-    """Minibatch steps."""
-    batch_size: Positive = 256
-    """Images per minibatch."""
-    optimizer: Literal["adam", "sgd"] = "adam"
-    """Optimiser."""
-    lr: PositiveFloat = 1e-3
-    """Base learning rate."""
-    momentum: Annotated[float, Range(0, 1, high_open=True)] = 0.9
-    """SGD momentum."""
-    weight_decay: NonNegativeFloat = 0.0
-    """L2 weight decay."""
-    schedule: Literal["constant", "step", "cosine"] = "constant"
-    """Learning-rate schedule over max_steps."""
-    step_size: Positive = 1000
-    """Steps between decays of the step schedule."""
-    gamma: PositiveFloat = 0.1
-    """Decay factor of the step schedule."""
-    max_grad_norm: NonNegativeFloat = 0.0
-    """Clip the gradient to this norm (0: no clipping)."""
-    zap_every: NonNegative = 0
-    """Zap `zap_size` random output rows every this many steps (0: never)."""
-    zap_size: NonNegative = 0
-    """Output rows zapped each time."""
 
 
 @dataclass
@@ -124,9 +64,9 @@ class EvalConfig:
     train_per_class: Positive = 15
     """Images per class learned (one SGD step each); the class's other images test it."""
     lr: PositiveFloat | None = None
-    """Trial SGD learning rate; None uses train.inner_lr."""
+    """Trial SGD learning rate; None uses the algorithm's (train.inner_lr, or train.trial_lr for iid)."""
     params: list[str] | None = None
-    """Prefixes adapted in the trial; None uses train.inner_params (fc for iid)."""
+    """Prefixes adapted in the trial; None uses the algorithm's (train.inner_params, fc for iid)."""
 
 
 @dataclass
@@ -146,16 +86,16 @@ class MetaTestConfig:
 class Config(ExperimentConfig):
     experiment: str = "meta-train"
     """Which experiment this config runs."""
-    algorithm: Algorithm = "meta"
-    """meta (second order), sequential_episodic (first order), or iid pre-training."""
+    algorithm: str = "meta"
+    """A registered algorithm (metacl/meta/train/algorithms/): meta (second order),
+    sequential_episodic (first order), iid (minibatch pre-training), or one you add."""
     model: dict[str, Any] = field(default_factory=lambda: {"name": "anml"})
     """Registry spec: {name: anml|sanml|oml|convnet|resnet18, **constructor arguments}."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training data."""
-    train: EpisodeConfig = field(default_factory=EpisodeConfig)
-    """Episodes and optimisers of meta and sequential_episodic."""
-    iid: IIDConfig = field(default_factory=IIDConfig)
-    """Minibatch pre-training (algorithm iid)."""
+    train: Any = field(default_factory=dict)
+    """The algorithm's own settings, validated against its Config (`metacl config describe
+    meta-train algorithm=NAME` lists them)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Periodic accuracy on the training and validation pools."""
     log_every: Positive = 10
@@ -167,7 +107,23 @@ class Config(ExperimentConfig):
     meta_test: MetaTestConfig = field(default_factory=MetaTestConfig)
     """The meta-test run at each of `eval_steps`."""
 
+    @classmethod
+    def upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Before algorithms had their own sections, iid's settings lived under `iid:` beside an
+        unused `train:`."""
+        if "iid" not in data:
+            return data
+        data = dict(data)
+        legacy = data.pop("iid")
+        if data.get("algorithm") == "iid":
+            data["train"] = legacy
+        return data
+
     def __post_init__(self) -> None:
+        settings = algorithm_class(self.algorithm).Config
+        if not isinstance(self.train, settings):
+            train = to_dict(self.train) if dataclasses.is_dataclass(self.train) else self.train
+            self.train = from_dict(settings, train or {}, "train.")
         check_model_spec(self.model)
         unknown = set(self.meta_test.splits) - set(SPLITS)
         if unknown:
@@ -237,57 +193,17 @@ def run(config: Config, run) -> dict:
     run.check_data({"dataset": config.data.dataset, "split": config.data.split,
                     "train_pool": list(train_images.shape), "content": tensor_digest(
                         train_images, *(() if val_images is None else (val_images,)))})
-    num_classes, per_class = train_images.shape[:2]
-    model = build(config, num_classes, device)
+    model = build(config, train_images.shape[0], device)
     check_input(model, train_images)
-    episodic = config.algorithm != "iid"
     streams = {name: torch_generator(config.seed, name)
                for name in ("sample", "zap", "eval", "augment")}
-    augment = augmenter(config, streams["augment"])
-    if episodic:
-        inner = list(select_parameters(model, config.train.inner_params))
-        outer = list(select_parameters(model, config.train.outer_params))
-        trainer = EpisodicTrainer(model, config.algorithm, inner, outer,
-                                  inner_lr=config.train.inner_lr, outer_lr=config.train.outer_lr,
-                                  train_cycles=config.train.train_cycles, zap=config.train.zap,
-                                  max_grad_norm=config.train.max_grad_norm)
-        sampler = EpisodeSampler(train_images, streams["sample"],
-                                 sample_method=config.train.sample_method,
-                                 batch_size=config.train.batch_size,
-                                 num_batches=config.train.num_batches,
-                                 remember_size=config.train.remember_size,
-                                 remember_only=config.train.remember_only)
-        total = config.train.episodes
-    else:
-        inner = ["fc.weight", "fc.bias"] if model.fc.bias is not None else ["fc.weight"]
-        trainer = IIDTrainer(model, list(dict(model.named_parameters())), **{
-            k: getattr(config.iid, k) for k in ("optimizer", "lr", "momentum", "weight_decay",
-                                                "schedule", "max_steps", "step_size", "gamma",
-                                                "max_grad_norm")})
-        total = config.iid.max_steps
+    algorithm = algorithm_class(config.algorithm)(model, train_images, config.train, streams,
+                                                  augmenter(config, streams["augment"]))
     trial_params = (list(select_parameters(model, config.eval.params)) if config.eval.params
-                    else inner)
-    trial_lr = config.eval.lr if config.eval.lr is not None else config.train.inner_lr
-    flat_images = train_images.reshape(num_classes * per_class, *train_images.shape[2:])
-    order = torch.empty(0, dtype=torch.long)
-    window: list[dict[str, float]] = []  # metrics of the steps since the last train-table row
+                    else algorithm.trial_params)
+    trial_lr = config.eval.lr if config.eval.lr is not None else algorithm.trial_lr
 
-    step = 0
-    state = run.load_checkpoint()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        for name, generator in streams.items():
-            set_generator_state(generator, state["rng"][name])
-        step, order, window = state["step"], state["order"], state["window"]
-
-    def checkpoint(name: str = "last") -> None:
-        rng = {name: generator_state(g) for name, g in streams.items()}
-        run.save_checkpoint({"step": step, "model": model.state_dict(),
-                             "optimizer": trainer.optimizer.state_dict(), "rng": rng,
-                             "order": order, "window": window}, name)
-
-    def evaluate() -> None:
+    def evaluate(step: int) -> None:
         fmodel = FunctionalModel(model, trial_params)
         params = dict(model.named_parameters())
         was_training = model.training
@@ -306,7 +222,7 @@ def run(config: Config, run) -> dict:
 
     test_pool = functools.cache(lambda: load_test_pool(config, device))  # loaded at the first meta-test
 
-    def meta_test() -> None:
+    def meta_test(step: int) -> None:
         for split in config.meta_test.splits:
             images = val_images if split == "val" else test_pool()
             frame = evaluate_checkpoint(model, config.meta_test.protocol, images, seed=config.seed,
@@ -318,57 +234,21 @@ def run(config: Config, run) -> dict:
                 run.log.info("meta-test at step %d, %s split, %d classes: held-out image accuracy %.4f "
                              "at its best LR %g", step, split, best.classes, best.test_acc, best.lr)
 
-    started = time.perf_counter()
-    bar = progress(total=total, initial=step, desc=config.algorithm, quiet=config.quiet,
-                   unit="ep" if episodic else "step")
-    while step < total:
-        if episodic:
-            episode = sampler.sample()
-            episode.images = augment(episode.images)
-            metrics = trainer.step(episode, streams["zap"])
-        else:
-            if config.iid.zap_every and step % config.iid.zap_every == 0 and config.iid.zap_size:
-                rows = torch.randperm(model.fc.out_features, generator=streams["zap"])
-                zap_rows(model.fc.weight, rows[:config.iid.zap_size], streams["zap"])
-            if len(order) < config.iid.batch_size:
-                order = torch.cat([order, torch.randperm(len(flat_images),
-                                                         generator=streams["sample"])])
-            batch, order = order[:config.iid.batch_size], order[config.iid.batch_size:]
-            batch = batch.to(device)
-            metrics = trainer.step(augment(flat_images[batch]), batch // per_class, step)
-        loss = metrics.get("meta_loss", metrics.get("loss"))
-        if loss is not None and not math.isfinite(loss):
-            bar.close()
-            raise RunDiverged(f"the {'meta-' if episodic else ''}loss became {loss} at step {step + 1} "
-                              f"(checkpoints before it are finite); lower the learning rate")
-        step += 1
-        bar.update()
-        window.append(metrics)
-        if step % config.log_every == 0 or step == total:
-            row = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
-            row["seconds_per_step"] = (time.perf_counter() - started) / len(window)
-            run.table("train").append({"step": step, **row})
-            run.tracker.log({f"meta_train/{k}": v for k, v in row.items()}, step)
-            window, started = [], time.perf_counter()
-        if config.eval.every and (step % config.eval.every == 0 or step == total):
-            evaluate()
-        if step in config.eval_steps:
-            save_model(model, run.path / "models" / f"step-{step}.pt", step=step)
-            meta_test()
-            checkpoint(f"step-{step}")
-        if step % config.checkpoint_every == 0 or step == total or run.stop_requested:
-            checkpoint()
-            if run.stop_requested and step < total:
-                bar.close()
-                raise RunInterrupted(f"stopped at step {step}; resume with --resume")
-    bar.close()
-    save_model(model, run.path / "model.pt", step=step)
-    run.flush()
-    final = run.table("train").frame().iloc[-1].to_dict()
-    if "eval" in run.tables and len(run.tables["eval"]):
-        evals = run.tables["eval"].frame()
-        for pool_name in ("train", "val"):
-            rows = evals[evals["pool"] == pool_name]
-            if len(rows):
-                final[f"{pool_name}_trial_acc"] = float(rows["accuracy"].iloc[-1])
-    return {k: float(v) for k, v in final.items()}
+    def save(path, step: int) -> None:
+        save_model(model, path, step=step, data=training_data_record(config))
+
+    loop = TrainingLoop(model, algorithm, streams, run, config, evaluate=evaluate,
+                        meta_test=meta_test, save_model=save)
+    state = run.load_checkpoint()
+    if state is not None:
+        loop.restore(state)
+    return loop.train()
+
+
+def training_data_record(config: Config) -> dict[str, Any]:
+    """What `metacl meta eval` needs to rebuild this run's validation split from a saved model."""
+    from ...core.paths import data_dir
+    return {"dataset": config.data.dataset, "split": config.data.split,
+            "image_size": config.data.image_size, "val_classes": config.data.val_classes,
+            "split_seed": config.seed, "first_963": config.data.first_963,
+            "data_dir": str(data_dir(config.data_dir).resolve())}
