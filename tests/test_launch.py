@@ -161,7 +161,7 @@ def fake_gpus(monkeypatch, count, total_gb):
 
 def test_gpu_slots_follow_the_memory_budget(monkeypatch, toy_config):
     from metacl.launch.local import LocalLauncher, Slot, gpu_slots, worker_env
-    from metacl.launch.sweep import LocalConfig
+    from metacl.launch.specs import LocalConfig
     fake_gpus(monkeypatch, 2, 10)
     assert gpu_slots(LocalConfig(gpu_memory_gb=4)) == [Slot(0, 0.4), Slot(0, 0.4), Slot(1, 0.4), Slot(1, 0.4)]
     assert gpu_slots(LocalConfig(runs_per_gpu=3, gpus=[1])) == [Slot(1, None)] * 3
@@ -179,7 +179,7 @@ def test_local_launcher_never_overfills_a_gpu(monkeypatch, toy_config):
     """Eight runs, two GPUs with two slots each and six workers: at most two runs per GPU."""
     import subprocess
     from metacl.launch.local import LocalLauncher
-    from metacl.launch.sweep import LocalConfig
+    from metacl.launch.specs import LocalConfig
     fake_gpus(monkeypatch, 2, 10)
     started = []
 

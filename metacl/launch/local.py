@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..core.errors import RunInterrupted
-from .sweep import LocalConfig, PlannedRun
+from .specs import LocalConfig, PlannedRun
 from .worker import (EXIT_BUSY, EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED,
                      GPU_MEMORY_FRACTION_ENV)
 

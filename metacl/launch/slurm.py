@@ -30,10 +30,11 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 
 from ..core import atomic
 from ..core.errors import MetaclError, RunInterrupted
+from ..core.rundir import read_status
 from .worker import EXIT_INTERRUPTED
 
 if TYPE_CHECKING:  # the job side stays light: it imports no torch, the worker does
-    from .sweep import PlannedRun, SlurmConfig
+    from .specs import PlannedRun, SlurmConfig
 
 JOBS_FILE = "jobs.json"
 DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -82,12 +83,9 @@ class SlurmTask(Checkpointable):
 
 
 def _status(config_file: str | Path) -> dict[str, Any]:
-    """The run's status.json (as metacl.core.run.read_status, without importing torch)."""
+    """The status of the run a resolved config file describes."""
     config = yaml.safe_load(Path(config_file).read_text())
-    try:
-        return json.loads((Path(config["out_dir"]) / config["name"] / "status.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {"status": "missing"}
+    return read_status(Path(config["out_dir"]) / config["name"])
 
 
 class SlurmLauncher:

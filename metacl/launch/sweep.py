@@ -28,59 +28,12 @@ from ..core import atomic
 from ..core.config import ConfigError, from_dict, read_yaml, to_dict, to_yaml
 from ..core.experiment import IDENTITY_FREE_KEYS, ExperimentConfig, load_experiment_config
 from ..core.rundir import is_locked, read_status
+from .specs import LocalConfig, PlannedRun, SlurmConfig
 from .worker import EXIT_BUSY
 
 LAUNCH_DIR = ".launch"
 RESERVED_KEYS = ("name", "out_dir", "seed")
 MAX_NAME = 200
-
-
-@dataclass
-class LocalConfig:
-    """The local launcher: a pool of worker processes on this machine."""
-
-    workers: int | None = None
-    """Runs at once; None: one per GPU slot on a GPU machine, else CPU cores // threads."""
-    threads: int | None = None
-    """CPU threads per run; None: the config's `threads`, else CPU cores // workers."""
-    gpus: list[int] | None = None
-    """GPU indices to use; None: every visible GPU (none on a CPU-only machine)."""
-    runs_per_gpu: int | None = None
-    """Runs sharing one GPU; None: from gpu_memory_gb, else 1."""
-    gpu_memory_gb: float | None = None
-    """Memory budget of one run on a GPU: sets runs_per_gpu and caps each run's CUDA memory."""
-
-
-@dataclass
-class SlurmConfig:
-    """The Slurm launcher: one job array through submitit; resources per array task."""
-
-    partition: str | None = None
-    """Partition (queue); None uses the cluster's default."""
-    time_min: int = 60
-    """Time limit per job in minutes; a run that hits it checkpoints and is requeued."""
-    cpus_per_task: int = 1
-    """CPU cores per run; also the run's torch thread count."""
-    gpus_per_task: int = 0
-    """GPUs per run."""
-    mem_gb: float | None = None
-    """Memory per run in GB; None uses the partition's default."""
-    array_parallelism: int = 256
-    """Most array tasks running at once."""
-    account: str | None = None
-    """Account to charge (sbatch --account)."""
-    qos: str | None = None
-    """Quality of service (sbatch --qos)."""
-    constraint: str | None = None
-    """Node features required (sbatch --constraint)."""
-    max_timeouts: int = 3
-    """How often a run that reaches its time limit is requeued (preemptions do not count)."""
-    signal_delay_s: int = 90
-    """Seconds before the time limit at which Slurm signals the job to checkpoint."""
-    setup: list[str] = field(default_factory=list)
-    """Shell lines run before each job (module load ..., source venv/bin/activate)."""
-    additional: dict[str, Any] = field(default_factory=dict)
-    """Further sbatch options by name, e.g. {exclude: node12, reservation: paper}."""
 
 
 @dataclass
@@ -105,18 +58,6 @@ class SweepConfig:
     """Local launcher settings."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     """Slurm launcher settings."""
-
-
-@dataclass
-class PlannedRun:
-    name: str
-    config: ExperimentConfig
-    path: Path
-    """The run directory."""
-    config_file: Path
-    """The resolved config the worker executes."""
-    values: dict[str, Any]
-    """The grid values (and seed) that make this run."""
 
 
 @dataclass
