@@ -117,7 +117,8 @@ def _toy(tmp_path, *overrides):
 def test_run_directory_holds_config_env_log_table_checkpoint(tmp_path):
     path, final = execute(_toy(tmp_path, "seed=4"))
     assert sorted(p.name for p in path.iterdir()) == [
-        ".lock", "checkpoints", "config.yaml", "env.json", "log.txt", "metrics.parquet", "status.json"]
+        ".lock", "checkpoints", "config.yaml", "data.json", "env.json", "log.txt", "metrics.parquet",
+        "status.json"]
     env = json.loads((path / "env.json").read_text())
     assert env["packages"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert env["device"] == "cpu"

@@ -28,7 +28,7 @@ from typing import Any, Iterable
 
 import torch
 
-from ..tracking import TrackingConfig
+from ..tracking import TrackingConfig, check_backends
 from .config import ConfigError, Positive, from_dict, apply_overrides, read_yaml, to_dict
 from .device import resolve_device
 from .errors import DataError, RunDiverged, RunInterrupted
@@ -136,6 +136,7 @@ def execute(config: ExperimentConfig, mode: Mode = "new",
         torch.set_num_threads(config.threads)
     seed_everything(config.seed)
     device = resolve_device(config.device)
+    check_backends(config.tracking)  # e.g. W&B online without a key: refused before any folder
     run = Run.open(config, device, mode, accept_data_change)
     try:
         run.install_signal_handlers()

@@ -228,6 +228,9 @@ def load_scenes(path: str | os.PathLike, *, limit: int | None = None) -> Scenes:
         sizes = {"X": len(X), "D": len(D), "y": len(y)}
         if len(set(sizes.values())) != 1:
             raise DataError(f"{path}: datasets disagree on the number of images: {sizes}")
+        if len(X) == 0:
+            raise DataError(f"{path}: has no images (X, D and y hold 0 rows); generate a scenes file "
+                            "with `metacl data scenes --num-images N` or point to another file")
         if "properties" in f and len(f["properties"]) != NUM_FEATURES:
             raise DataError(f"{path}: 'properties' holds {len(f['properties'])} names, expected {NUM_FEATURES}")
         count = len(X) if limit is None else min(len(X), int(limit))

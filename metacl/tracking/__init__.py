@@ -73,6 +73,15 @@ class MultiTracker:
             tracker.close()
 
 
+def check_backends(config: TrackingConfig) -> None:
+    """Refuse (ConfigError) trackers that cannot work on this machine, such as W&B in online mode
+    without an API key or network; cheap enough to call before a run directory is created.
+    Building the tracker checks the same."""
+    if "wandb" in config.backends:
+        from .wandb import check_online
+        check_online(config.wandb_mode)
+
+
 def build_tracker(config: TrackingConfig, run_dir: Path, run_name: str, run_config: dict,
                   logger: logging.Logger) -> MultiTracker:
     trackers: list[Tracker] = []

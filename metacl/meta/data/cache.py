@@ -2,7 +2,8 @@
 
 The file holds a `key` (format version, dataset, split, size, and a fingerprint of the source
 files); a cache whose key differs from the one asked for, or that cannot be read, is rebuilt.
-Files are written atomically, so an interrupted preprocessing never leaves a usable-looking cache.
+Files are written atomically, so an interrupted preprocessing never leaves a usable-looking cache,
+with the usual permissions of a new file (0666 minus the umask; see core/atomic.py).
 """
 from __future__ import annotations
 
@@ -49,13 +50,6 @@ def choose_cache_dir(preferred: Path, fallback_name: str,
     return None
 
 
-def make_shareable(path: Path) -> None:
-    """Give a file written via a private temporary file the usual permissions (0666 minus umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def load_cache(path: Path, key: dict[str, Any]) -> tuple[torch.Tensor, list[str]] | None:
     """(uint8 images, class names) from `path`, or None if it is missing, unreadable or stale."""
     if not path.is_file():
@@ -79,7 +73,6 @@ def save_cache(path: Path, key: dict[str, Any], images: torch.Tensor, class_name
     try:
         with atomic_path(path) as tmp:
             torch.save({"key": key, "images": images, "class_names": list(class_names)}, tmp)
-            make_shareable(tmp)
     except OSError as error:
         log.warning("could not write cache %s (%s); the data will be preprocessed again next time",
                     path, error)

@@ -57,8 +57,10 @@ def find_source(root: Path, split: str) -> Path | None:
     return None
 
 
-def ensure_source(root: Path, split: str, *, quiet: bool = False) -> Path:
-    """The local zip or folder for `split`, downloading the official zip when there is none."""
+def ensure_source(root: Path, split: str, *, quiet: bool = False,
+                  timeout_s: float | None = None) -> Path:
+    """The local zip or folder for `split`, downloading the official zip when there is none
+    (`timeout_s`: see `download.download_timeout`)."""
     source = find_source(root, split)
     if source is not None:
         return source
@@ -71,7 +73,7 @@ def ensure_source(root: Path, split: str, *, quiet: bool = False) -> Path:
         raise DataError(f"Omniglot {split} not found under {root}, and cannot download it there: "
                         f"{error}") from None
     log.info("downloading Omniglot %s from %s", split, url)
-    return download(url, dest, MD5[split], quiet=quiet)
+    return download(url, dest, MD5[split], quiet=quiet, timeout_s=timeout_s)
 
 
 def list_drawings(source: Path) -> tuple[list[str], ImageFiles, int]:
@@ -123,9 +125,12 @@ def source_fingerprint(source: Path) -> dict[str, object]:
 
 
 def load_omniglot(split: str, size: int, root: Path, *, cache_dir: str | os.PathLike | None = None,
-                  workers: int | None = None, quiet: bool = False) -> tuple[torch.Tensor, list[str]]:
-    """uint8 images (classes, drawings, 1, size, size) and class names, from the cache when valid."""
-    source = ensure_source(root, split, quiet=quiet)
+                  workers: int | None = None, quiet: bool = False,
+                  timeout_s: float | None = None) -> tuple[torch.Tensor, list[str]]:
+    """uint8 images (classes, drawings, 1, size, size) and class names, from the cache when valid.
+
+    `timeout_s`: the download time limit if the source must be downloaded (None: the default)."""
+    source = ensure_source(root, split, quiet=quiet, timeout_s=timeout_s)
     key = {"version": CACHE_VERSION, "dataset": "omniglot", "split": split, "size": size, "mode": "L",
            "source": source_fingerprint(source)}
     directory = choose_cache_dir(root / "omniglot", "omniglot", cache_dir)
