@@ -26,8 +26,8 @@ from metacl.meta.data import download as download_module
 from metacl.meta.data import omniglot
 from metacl.meta.data.download import download
 from metacl.scenes.h5 import SceneWriter, load_scenes, partial_path
-from metacl.tracking import TrackingConfig, check_backends
-from metacl.tracking import wandb as wandb_module
+from metacl.core.tracking import TrackingConfig, check_backends
+from metacl.core.tracking import wandb as wandb_module
 from tests.test_mastery import tiny, write_scenes
 from tests.test_meta_data import omniglot_zip
 

@@ -28,7 +28,7 @@ from typing import Any, Iterable
 
 import torch
 
-from ..tracking import TrackingConfig, check_backends
+from .tracking import TrackingConfig, check_backends
 from .config import ConfigError, Positive, from_dict, apply_overrides, read_yaml, to_dict
 from .device import resolve_device
 from .errors import DataError, RunDiverged, RunInterrupted

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..tracking import build_tracker
+from .tracking import build_tracker
 from . import atomic
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import to_dict, to_yaml

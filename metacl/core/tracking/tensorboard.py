@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
-from ..core.errors import ConfigError
+from ..errors import ConfigError
 
 
 class TensorBoardTracker:

@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..core.errors import ConfigError
+from ..errors import ConfigError
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 CONNECT_TIMEOUT_S = 3.0

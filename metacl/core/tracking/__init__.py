@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Mapping, Protocol
 
-from ..core.config import Positive
-from ..core.errors import ConfigError
+from ..config import Positive
+from ..errors import ConfigError
 
 BACKENDS = ("console", "tensorboard", "wandb")
 
