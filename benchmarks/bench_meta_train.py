@@ -249,7 +249,7 @@ def main() -> None:
     if higher is None:
         print(reference_note)
         return
-    del trainer, model  # free metacl's optimiser state before the reference runs
+    trainer = model = None  # free metacl's optimiser state before the reference runs
     reference = time_reference(higher, reference_model, inner_prefixes, images, device,
                                args.reference_episodes, warmup=1)
     reference_median = statistics.median(reference)

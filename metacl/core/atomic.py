@@ -141,7 +141,7 @@ def write_error_message(error: OSError, folder: str | os.PathLike, hint: str = "
     """A message for an OSError met while writing into `folder`: where, why, what to do."""
     reason = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
               errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device",
-              errno.EDQUOT: "disk quota exceeded"}.get(error.errno)
+              errno.EDQUOT: "disk quota exceeded"}.get(error.errno or 0)
     reason = reason or (error.strerror or str(error)).lower()
     where = error.filename or folder
     return f"cannot write to {where}: {reason}" + (f"; {hint}" if hint else "")

@@ -49,6 +49,7 @@ class Range:
             return f"{'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
         if self.low is not None:
             return f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        assert self.high is not None, "a Range bounds at least one side"
         return f"{'<' if self.high_open else '<='} {_num(self.high)}"
 
 
@@ -165,7 +166,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass `cls` from plain data, validating every key and value."""
     if not isinstance(data, dict):
         raise ConfigError(f"'{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls, include_extras=True)
     for key in data:
         if key not in fields:
@@ -211,7 +212,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         for constraint in constraints:
             constraint.check(value, key)
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value if value is not None else {}, key + ".")
     if origin is Literal:
         if value not in args:
@@ -312,7 +313,10 @@ def field_docs(cls: type) -> dict[str, str]:
             tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         except (OSError, TypeError):
             continue
-        body = tree.body[0].body
+        klass_node = tree.body[0]
+        if not isinstance(klass_node, ast.ClassDef):
+            continue
+        body = klass_node.body
         for node, after in zip(body, body[1:]):
             if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                     and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)

@@ -125,8 +125,8 @@ def execute(config: ExperimentConfig, mode: Mode = "new",
     one continues from its last checkpoint: re-launching a sweep is therefore always safe. Either
     way the stored config must match (`rundir.check_resume`).
     """
-    check_run_name(config.name)
-    path = Path(config.out_dir) / config.name
+    name = check_run_name(config.name)
+    path = Path(config.out_dir) / name
     if mode == "resume" and is_run_directory(path):
         check_resume(path, config)
         status = read_status(path)

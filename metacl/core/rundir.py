@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .errors import ConfigError, MetaclError
 
@@ -99,7 +99,7 @@ class RunLock:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.handle = None
+        self.handle: IO[str] | None = None
 
     def acquire(self, wait_s: float = 1.0) -> "RunLock":
         """Take the lock or raise RunInUse naming the holder. Waits briefly, so that a status

@@ -45,6 +45,8 @@ def generator_state(generator: torch.Generator | np.random.Generator) -> object:
 
 def set_generator_state(generator: torch.Generator | np.random.Generator, state: object) -> None:
     if isinstance(generator, torch.Generator):
+        assert isinstance(state, torch.Tensor), "a torch generator's state is a byte tensor"
         generator.set_state(state)
     else:
+        assert isinstance(state, dict), "a numpy generator's state is a mapping"
         generator.bit_generator.state = state

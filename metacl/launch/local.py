@@ -43,7 +43,7 @@ def gpu_slots(config: LocalConfig) -> list[Slot]:
     if not torch.cuda.is_available():
         return []
     gpus = config.gpus if config.gpus is not None else list(range(torch.cuda.device_count()))
-    slots = []
+    slots: list[Slot] = []
     for gpu in gpus:
         total_gb = torch.cuda.get_device_properties(gpu).total_memory / 2**30
         fraction = None

@@ -20,7 +20,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import yaml
 
@@ -175,13 +175,13 @@ def expand(spec: SweepConfig) -> Sweep:
     keys = list(spec.grid) + (["seed"] if seeds is not None else [])
     runs: list[PlannedRun] = []
     for combo in itertools.product(*spec.grid.values(), *([seeds] if seeds is not None else [])):
-        values = dict(zip(keys, combo))
-        name = run_name(values)
-        overrides = [*spec.overrides, *(override_text(k, v) for k, v in values.items()),
+        point = dict(zip(keys, combo))
+        name = run_name(point)
+        overrides = [*spec.overrides, *(override_text(k, v) for k, v in point.items()),
                      f"out_dir={directory}", f"name={name}", "quiet=true"]
         config = _validated(spec.config, overrides, f"sweep run {name}")
         runs.append(PlannedRun(name, config, directory / name,
-                               directory / LAUNCH_DIR / f"{name}.yaml", values))
+                               directory / LAUNCH_DIR / f"{name}.yaml", point))
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)
@@ -338,7 +338,7 @@ def launch(sweep: Sweep, wait: bool = True, poll_s: float = 1.0) -> SweepReport 
     return report(sweep, skipped, all_stopped=True)
 
 
-def sweep_spec(config: str | Path, overrides: list[str] = (), grid: dict[str, list[Any]] | None = None,
+def sweep_spec(config: str | Path, overrides: Sequence[str] = (), grid: dict[str, list[Any]] | None = None,
                seeds: Any = None, **fields: Any) -> SweepConfig:
     """A validated SweepConfig from Python (the API twin of `metacl sweep`)."""
     data = {"config": str(config), "overrides": list(overrides), "grid": dict(grid or {}),

@@ -73,4 +73,4 @@ class ANML(SANML):
             return self.head(self.encode(x, mask))
         if stage == "encode":
             return self.encode(x, mask)
-        return super().forward(x, stage)
+        return super().forward(x, stage)  # type: ignore[arg-type]

@@ -30,6 +30,8 @@ class EncoderClassifier(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    fc: nn.Linear
+
     def head(self, z: torch.Tensor) -> torch.Tensor:
         return self.fc(z)
 

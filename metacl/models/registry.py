@@ -50,7 +50,7 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
         import inspect
         valid = [p for p in inspect.signature(_REGISTRY[name]).parameters if p != "self"]
         raise ConfigError(f"model {name!r}: {error}; valid arguments: {', '.join(valid)}") from None
-    model.metacl_spec = {"name": name, **spec}
+    setattr(model, "metacl_spec", {"name": name, **spec})  # noqa: B010 (not a Parameter or Module)
     return model
 
 

@@ -7,7 +7,7 @@ TensorBoard hides the events a killed run wrote after its last checkpoint: every
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from ..errors import ConfigError
 
@@ -21,7 +21,7 @@ class TensorBoardTracker:
                               "package is not installed: pip install 'metacl[tensorboard]'") from None
         self._writer_class = SummaryWriter
         self.log_dir = Path(log_dir)
-        self.writer = None
+        self.writer: Any = None  # created at the first log, which knows the step to purge from
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         if self.writer is None:

@@ -63,8 +63,10 @@ class FunctionalModel:
     def logits(self, params: dict[str, torch.Tensor], images: torch.Tensor,
                shared: torch.Tensor | None, rows: slice) -> torch.Tensor:
         if self.reuse == "encode":
+            assert shared is not None
             return self(params, shared[rows], stage="head")
         if self.reuse == "mask":
+            assert shared is not None
             return self(params, images[rows], mask=shared[rows])
         return self(params, images[rows])
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 import math
 import pkgutil
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -58,7 +58,6 @@ def register_algorithm(name: str) -> Callable[[type], type]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"algorithm {name!r} is registered twice")
         _REGISTRY[name] = cls
-        cls.name = name
         return cls
     return decorate
 
@@ -75,7 +74,7 @@ def algorithm_class(name: str) -> type:
     return _REGISTRY[name]
 
 
-def apply_gradients(params: list[torch.Tensor], grads: tuple[torch.Tensor, ...],
+def apply_gradients(params: Sequence[torch.Tensor], grads: tuple[torch.Tensor, ...],
                     max_grad_norm: float) -> torch.Tensor:
     """Set .grad from `grads`, clip to `max_grad_norm` (0: no clipping); return the norm before."""
     for param, grad in zip(params, grads):

@@ -77,15 +77,17 @@ class IID:
         self.images = pool.reshape(pool.shape[0] * pool.shape[1], *pool.shape[2:])
         self.order = torch.empty(0, dtype=torch.long)
         self.steps = config.max_steps
-        fc = model.fc
+        fc = model.get_submodule("fc")
+        assert isinstance(fc, nn.Linear), "build() checks that the model's output layer fc is Linear"
+        self.fc = fc
         self.trial_params = ["fc.weight", "fc.bias"] if fc.bias is not None else ["fc.weight"]
         self.trial_lr = config.trial_lr
 
     def step(self, step: int) -> dict[str, float]:
         config = self.config
         if config.zap_every and config.zap_size and step % config.zap_every == 0:
-            rows = torch.randperm(self.model.fc.out_features, generator=self.streams["zap"])
-            zap_rows(self.model.fc.weight, rows[:config.zap_size], self.streams["zap"])
+            rows = torch.randperm(self.fc.out_features, generator=self.streams["zap"])
+            zap_rows(self.fc.weight, rows[:config.zap_size], self.streams["zap"])
         if len(self.order) < config.batch_size:
             self.order = torch.cat([self.order, torch.randperm(len(self.images),
                                                                generator=self.streams["sample"])])
