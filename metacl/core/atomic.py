@@ -58,12 +58,6 @@ def new_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def make_shareable(path: str | os.PathLike) -> None:
-    """Give a file created privately (e.g. by `tempfile.mkstemp`, mode 0600) the usual mode of a
-    new file, 0666 & ~umask. Files written through this module need no call: they have it."""
-    os.chmod(path, new_file_mode())
-
-
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file next to `path`; on clean exit it replaces `path` atomically."""
@@ -107,11 +101,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_open(path, "w") as handle:
         handle.write(text)
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_open(path, "wb") as handle:
-        handle.write(data)
 
 
 def check_writable_dir(folder: str | os.PathLike, hint: str = "") -> Path:

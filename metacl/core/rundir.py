@@ -209,4 +209,4 @@ def check_resume(path: Path, config: Any) -> None:
         raise MetaclError(f"cannot resume {path} with a different config (a resumed run must be the "
                           f"run its directory describes); differing keys:\n  " +
                           "\n  ".join(differences) +
-                          f"\nresume without these overrides, or start a new run with another name=")
+                          "\nresume without these overrides, or start a new run with another name=")

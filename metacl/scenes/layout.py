@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..core.seeding import derive_seed
 from .atlas import ROTATIONS
@@ -115,8 +114,3 @@ def layout_to_D(layout: Layout) -> np.ndarray:
     rows = np.stack([layout.colour, 10 + layout.shape, 20 + layout.texture], -1).astype(np.uint8)
     rows[~layout.present] = 255
     return rows
-
-
-def as_tensors(layout: Layout, device: torch.device) -> dict[str, torch.Tensor]:
-    return {name: torch.as_tensor(getattr(layout, name), device=device)
-            for name in ("present", "colour", "shape", "texture", "rotation", "position")}

@@ -43,14 +43,6 @@ class _BadDownload(Exception):
     """The transfer finished but the bytes are incomplete or have the wrong md5."""
 
 
-def file_md5(path: str | os.PathLike) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        while block := handle.read(BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download_timeout(explicit: float | None = None) -> float:
     """Seconds a download may wait for data: `explicit`, else $METACL_DOWNLOAD_TIMEOUT, else 30."""
     if explicit is not None:

@@ -40,7 +40,6 @@ URL_PREFIX = "https://github.com/brendenlake/omniglot/raw/master/python/"
 URL_PREFIX_ENV = "METACL_OMNIGLOT_URL"
 """Environment variable that replaces URL_PREFIX, e.g. with a mirror or a local file:// folder."""
 MD5 = {"background": "68d2efa1b9178cc56df9314c21c6e718", "evaluation": "6b91aef0f799c5bb55b94e3f2daec811"}
-OFFICIAL_CLASSES = {"background": 964, "evaluation": 659}
 SEARCH_SUBDIRS = ("omniglot", "omniglot-py", ".")
 FIRST_963 = 963
 
