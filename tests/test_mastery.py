@@ -153,9 +153,11 @@ def test_heterogeneous_orders_cycle_dimensions():
 def test_epoch_counts_total_exactly(curriculum):
     for episode in range(1, 11):
         counts = episode_counts(45_000, episode - 1, episode, 0.5, curriculum, 1.5, 2.0)
-        assert sum(counts) == 45_000 and len(counts) == episode
-        if episode > 1:
-            assert counts[0] == 22_500
+        assert len(counts) == episode
+        if curriculum == "power":       # the whole epoch, shared by every task
+            assert sum(counts) == 45_000
+        else:                           # the new task keeps 22,500, episode 1 included
+            assert counts[0] == 22_500 and sum(counts) == (22_500 if episode == 1 else 45_000)
     ratio = episode_counts(45_000, 4, 5, 0.5, "ratio", 1.5, 0)[1:]
     assert ratio == sorted(ratio) and abs(ratio[1] / ratio[0] - 1.5) < 1e-3
     power = episode_counts(45_000, 4, 5, 0.5, "power", 0, 1.14)[1:]
@@ -202,7 +204,7 @@ def scripted_evaluate(script: list[list[float]]):
     """An `evaluate` that returns the next scripted accuracy list (one entry per task) per call."""
     calls = iter(script)
 
-    def evaluate(model, data, tasks, batch_size):
+    def evaluate(model, data, tasks, batch_size, **options):
         acc = next(calls)
         assert len(acc) == len(tasks), (acc, tasks)
         return {"acc": list(acc), "loss": [1.0 - a for a in acc]}
@@ -222,13 +224,14 @@ def test_episode_logic_follows_scripted_test_accuracies(scenes, tmp_path, monkey
     assert final["episodes"] == 3 and final["epochs"] == 6 and final["all_reached"]
     assert epochs.groupby("episode")["epoch_in_episode"].max().tolist() == [2, 3, 1]
     assert criterion["epochs_to_criterion"].tolist() == [2, 3, 1, 1, 1, 1]
-    assert criterion["trials_per_epoch"].tolist() == [360, 180, 180, 180, 90, 90]
+    assert criterion["trials_per_epoch"].tolist() == [180, 180, 180, 180, 90, 90]
     assert (criterion["trials_to_criterion"]
             == criterion["epochs_to_criterion"] * criterion["trials_per_epoch"]).all()
     assert criterion["times_trained"].tolist() == [1, 1, 2, 1, 3, 2]
-    assert epochs.groupby("epoch")["trials"].sum().eq(360).all()
-    assert epochs["cumulative_trials"].max() == 360 * 6
-    assert final["new_task_trials"] == [720, 540, 180]
+    per_epoch = epochs.groupby("epoch")["trials"].sum()
+    assert per_epoch.tolist() == [180, 180, 360, 360, 360, 360]   # episode 1: the new task's half
+    assert epochs["cumulative_trials"].max() == per_epoch.sum()
+    assert final["new_task_trials"] == [360, 540, 180]
 
 
 def test_epoch_cap_and_new_task_criterion_follow_scripted_accuracies(scenes, tmp_path,
@@ -283,7 +286,8 @@ def test_real_runs_keep_the_criterion_invariants(sequential_runs):
         assert final["all_reached"] == bool(criterion["reached"].all())
         assert_episodes_end_at_first_pass_or_cap(epochs, 0.75, 20)
         for episode, rows in epochs.groupby("episode"):
-            assert rows.groupby("epoch_in_episode")["trials"].sum().eq(360).all()
+            epoch_trials = 180 if episode == 1 else 360
+            assert rows.groupby("epoch_in_episode")["trials"].sum().eq(epoch_trials).all()
             for row in criterion[criterion["episode"] == episode].itertuples():
                 task_rows = rows[rows["task"] == row.task]
                 first = task_rows[task_rows["test_acc"] > 0.75]["epoch_in_episode"].min()
@@ -293,9 +297,9 @@ def test_real_runs_keep_the_criterion_invariants(sequential_runs):
                     assert row.trials_to_criterion == first * row.trials_per_epoch
                 assert row.times_trained == episode - row.position + 1
         new = criterion[criterion["is_new"]]
-        assert list(new["trials_per_epoch"]) == [360, 180, 180]
+        assert list(new["trials_per_epoch"]) == [180, 180, 180]
         assert list(criterion[criterion["episode"] == 3]["trials_per_epoch"]) == [180, 90, 90]
-        assert epochs["cumulative_trials"].max() == 360 * epochs["epoch"].max()
+        assert epochs["cumulative_trials"].max() == epochs.groupby("epoch")["trials"].sum().sum()
 
 
 def test_real_new_task_criterion_run_keeps_the_invariants(scenes, tmp_path):
@@ -327,12 +331,12 @@ def test_every_condition_runs_from_its_config(name, scenes, tmp_path, monkeypatc
     trained = []
     original = mastery.train_trials
 
-    def spy(model, optimizer, data, images, task_ids, *args):
+    def spy(model, optimizer, data, images, task_ids, *args, **kwargs):
         trained.append((int(images.max()), data.num_train))
-        return original(model, optimizer, data, images, task_ids, *args)
+        return original(model, optimizer, data, images, task_ids, *args, **kwargs)
 
     monkeypatch.setattr(mastery, "train_trials", spy)
-    extra = ["forgetting.after_episode=2", "forgetting.max_subepochs=2"] \
+    extra = ["forgetting.after_episodes=[1, 2]", "forgetting.max_subepochs=2"] \
         if name == "forgetting.yaml" else []
     _, final, tables = run_config(CONFIGS / "quick" / name,
                                   tiny(scenes, tmp_path, "train.max_epochs_per_episode=2", *extra))
@@ -343,12 +347,14 @@ def test_every_condition_runs_from_its_config(name, scenes, tmp_path, monkeypatc
     if condition == "simultaneous":
         expected = 30 if name == "simultaneous-all.yaml" else 10
         assert final["episodes"] == 1 and criterion["task"].nunique() == expected
-        assert epochs.groupby("epoch")["trials"].sum().eq(360).all()
+        assert epochs.groupby("epoch")["trials"].sum().eq(360 * expected).all()  # every pair
     elif name == "forgetting.yaml":
         forgetting = tables["forgetting"]
         assert criterion["episode"].max() == 2 and forgetting["subepoch"].max() >= 1
         assert set(forgetting["times_trained"]) == {0, 1, 2}
-        assert len(trained) == epochs["epoch"].max() + forgetting["subepoch"].max()
+        assert sorted(forgetting["after_episode"].unique()) == [1, 2]
+        subepochs = forgetting.groupby("after_episode")["subepoch"].max().sum()
+        assert len(trained) == epochs["epoch"].max() + subepochs
     else:
         assert final["episodes"] == 3
         if condition == "heterogeneous":
@@ -359,7 +365,9 @@ def test_every_condition_runs_from_its_config(name, scenes, tmp_path, monkeypatc
             assert final["order"] == [1, 3, 6]
     if name.startswith("curriculum"):
         third = criterion[criterion["episode"] == 3]
-        assert third["trials_per_epoch"].sum() == 360 and third["trials_per_epoch"].iloc[0] == 180
+        new_trials = 207 if name == "curriculum-power.yaml" else 180   # 360 / (1+3^-a+2^-a)
+        assert third["trials_per_epoch"].sum() == 360
+        assert third["trials_per_epoch"].iloc[0] == new_trials
         assert third["trials_per_epoch"].iloc[2] > third["trials_per_epoch"].iloc[1]
 
 
@@ -370,7 +378,7 @@ def test_quick_preset_generates_real_scenes_on_first_use(tmp_path):
     run_dir, final, tables = run_config(CONFIGS / "quick.yaml", overrides)
     files = list((tmp_path / "data" / "scenes").glob("*.h5"))
     assert len(files) == 1 and "100-48x64" in files[0].name
-    assert final["episodes"] == 2 and tables["epochs"]["trials"].sum() == 90 + 90
+    assert final["episodes"] == 2 and tables["epochs"]["trials"].sum() == 45 + 90
     stamp = files[0].stat().st_mtime_ns
     run_config(CONFIGS / "quick.yaml", overrides + ["name=again"])
     assert files[0].stat().st_mtime_ns == stamp                        # reused, not regenerated
@@ -413,14 +421,14 @@ def test_resume_after_interrupt_is_exact(scenes, tmp_path, monkeypatch):
 def test_forgetting_from_another_runs_checkpoint(scenes, tmp_path, sequential_runs):
     source = sequential_runs[0][0]
     _, final, tables = run_config(CONFIGS / "quick" / "forgetting.yaml",
-                                  tiny(scenes, tmp_path, "forgetting.after_episode=2",
+                                  tiny(scenes, tmp_path, "forgetting.after_episodes=[2]",
                                        f"forgetting.source_run={source}",
                                        "forgetting.max_subepochs=2", "name=forget"))
-    assert "epochs" not in tables and final["forgetting_subepochs"] >= 1
+    assert "epochs" not in tables and final["forgetting_subepochs"][0] >= 1
     forgetting = tables["forgetting"]
     assert set(forgetting["times_trained"]) == {0, 1, 2}
     with pytest.raises(DataError, match="episode-2"):
-        run_config(None, tiny(scenes, tmp_path, "forgetting.after_episode=2",
+        run_config(None, tiny(scenes, tmp_path, "forgetting.after_episodes=[2]",
                               f"forgetting.source_run={tmp_path / 'nowhere'}", "name=x"))
 
 
@@ -428,7 +436,7 @@ def test_config_errors_name_the_problem(scenes, tmp_path):
     with pytest.raises(ConfigError, match="tasks.dimension"):
         run_config(None, tiny(scenes, tmp_path, "tasks.dimension=3"))
     with pytest.raises(ConfigError, match="after_episode"):
-        run_config(None, tiny(scenes, tmp_path, "forgetting.after_episode=3", "name=y"))
+        run_config(None, tiny(scenes, tmp_path, "forgetting.after_episodes=[3]", "name=y"))
     with pytest.raises(ConfigError, match="epoch_size"):
         run_config(None, tiny(scenes, tmp_path, "train.epoch_size=1000", "name=z"))
 
@@ -447,7 +455,7 @@ def test_power_law_fit_recovers_a_known_slope():
 def test_report_writes_tables_plots_and_summary(scenes, tmp_path, capsys, sequential_runs):
     runs = [run_dir for run_dir, _, _ in sequential_runs]
     runs.append(run_config(CONFIGS / "quick" / "forgetting.yaml",
-                           tiny(scenes, tmp_path, "forgetting.after_episode=2",
+                           tiny(scenes, tmp_path, "forgetting.after_episodes=[2]",
                                 "forgetting.max_subepochs=2", "train.max_epochs_per_episode=2"))[0])
     out = tmp_path / "report"
     assert main(["mastery", "report", *map(str, runs), "--out", str(out)]) == 0

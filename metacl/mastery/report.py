@@ -99,8 +99,29 @@ def relearning_trials(criterion: pd.DataFrame) -> pd.DataFrame:
 
 
 def forgetting_curves(forgetting: pd.DataFrame) -> pd.DataFrame:
+    """Mean test accuracy by times trained and trials of the new task alone (trials 0: the test
+    before the first sub-epoch), over every forgetting task of every run."""
     return (forgetting.groupby(["times_trained", "trials"])["test_acc"]
             .mean().reset_index())
+
+
+def forgetting_ends(forgetting: pd.DataFrame) -> pd.DataFrame:
+    """Per times trained: mean test accuracy before the first sub-epoch (sub-epoch 0; NaN for
+    runs that did not record it) and at the last sub-epoch of each forgetting task."""
+    keys = ["run", "after_episode"]
+    last = forgetting["subepoch"] == forgetting.groupby(keys)["subepoch"].transform("max")
+    before = forgetting[forgetting["subepoch"] == 0].groupby("times_trained")["test_acc"].mean()
+    end = forgetting[last].groupby("times_trained")["test_acc"].agg(["mean", "count"])
+    return pd.DataFrame({"times_trained": end.index, "before": before.reindex(end.index).values,
+                         "end": end["mean"].values, "points": end["count"].values})
+
+
+def forgetting_tasks(forgetting: pd.DataFrame) -> pd.DataFrame:
+    """One row per forgetting task: sub-epochs it ran and the new task's final test accuracy."""
+    new = forgetting[forgetting["is_new"]].sort_values("subepoch")
+    return (new.groupby(["run", "after_episode"])
+            .agg(subepochs=("subepoch", "max"), trials=("trials", "max"),
+                 new_task_acc=("test_acc", "last")).reset_index())
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path, fit_from: int = 2) -> Path:
@@ -126,6 +147,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, fit_from: int 
     if len(forgetting):
         written["forgetting"] = forgetting
         written["forgetting_curves"] = forgetting_curves(forgetting)
+        written["forgetting_ends"] = forgetting_ends(forgetting)
+        written["forgetting_tasks"] = forgetting_tasks(forgetting)
     for name, frame in written.items():
         if len(frame):
             with atomic.atomic_path(out / f"{name}.csv") as tmp:
@@ -233,12 +256,17 @@ def _summary(run_dirs, written, fit, plots) -> str:
         missed = criterion[~criterion["reached"]]
         lines += [f"Episodes x tasks that never reached criterion: {len(missed)} of "
                   f"{len(criterion)}.", ""]
-    curves = written.get("forgetting_curves")
-    if curves is not None and len(curves):
-        last = curves[curves["trials"] == curves["trials"].max()]
-        lines += ["## Forgetting", "", "| times trained | test accuracy at the end |",
-                  "|---|---|"]
-        lines += [f"| {int(r.times_trained)} | {r.test_acc:.3f} |" for r in last.itertuples()]
+    ends = written.get("forgetting_ends")
+    if ends is not None and len(ends):
+        tasks = written["forgetting_tasks"]
+        lines += ["## Forgetting", "",
+                  f"{len(tasks)} forgetting tasks (after episodes "
+                  f"{', '.join(str(int(e)) for e in sorted(tasks['after_episode'].unique()))}); "
+                  f"mean test accuracy by times trained (0 = the new task), before the first "
+                  f"sub-epoch and at each task's last:", "",
+                  "| times trained | before | at the end | points |", "|---|---|---|---|"]
+        lines += [f"| {int(r.times_trained)} | {r.before:.3f} | {r.end:.3f} | {int(r.points)} |"
+                  for r in ends.itertuples()]
         lines.append("")
     lines += ["## Files", "", *[f"- {name}.csv" for name, f in written.items() if len(f)],
               *[f"- {p}" for p in plots], ""]

@@ -7,8 +7,9 @@ Every model maps an image batch (B, 3, H, W) and a one-hot query (B, num_queries
                        flattened features, then an MLP
     query-modulated    as cnn-mlp, plus a per-channel bias Linear(query -> C_l) added to the
                        output of conv layer l (before its ReLU) for each l in `levels`
-    task-conditional   as cnn-mlp, plus a query gate before every conv layer:
-                       x * sigmoid(W_m q) (multiplicative), x + W_a q (additive) or both
+    task-conditional   as cnn-mlp, plus a query gate and shift before every conv layer, as in the
+                       reference: x * sigmoid(W_m q + b_m) (multiplicative), x + W_a q + b_a
+                       (additive) or both (the default: gate, then shift)
 
 In cnn-mlp the conv features do not depend on the query, so `query_dependent_features` is False
 and testing many tasks on the same images computes the features once (`features` + `head`).
@@ -111,11 +112,13 @@ class QueryModulated(CnnMlp):
 
 
 class TaskConditional(CnnMlp):
-    """cnn-mlp plus a query gate and/or shift on the input of every conv layer."""
+    """cnn-mlp plus a query gate and/or shift (Linear layers with biases, as in the reference) on
+    the input of every conv layer; `conditioning` "both" (the default) applies the gate, then the
+    shift."""
 
     query_dependent_features = True
 
-    def __init__(self, conditioning: Literal["multiplicative", "additive", "both"] = "multiplicative",
+    def __init__(self, conditioning: Literal["multiplicative", "additive", "both"] = "both",
                  **kwargs):
         super().__init__(**kwargs)
         if conditioning not in ("multiplicative", "additive", "both"):
@@ -125,9 +128,9 @@ class TaskConditional(CnnMlp):
         inputs = [3, *self.channels[:-1]]
         multiplicative = conditioning in ("multiplicative", "both")
         additive = conditioning in ("additive", "both")
-        self.gates = nn.ModuleList(nn.Linear(self.num_queries, c, bias=False) for c in inputs) \
+        self.gates = nn.ModuleList(nn.Linear(self.num_queries, c) for c in inputs) \
             if multiplicative else None
-        self.shifts = nn.ModuleList(nn.Linear(self.num_queries, c, bias=False) for c in inputs) \
+        self.shifts = nn.ModuleList(nn.Linear(self.num_queries, c) for c in inputs) \
             if additive else None
 
     def conv_features(self, x: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
