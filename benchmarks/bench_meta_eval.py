@@ -49,7 +49,10 @@ from torch import nn
 
 from metacl.core.environment import hardware_summary
 from metacl.meta.eval.adam import FusedLinearStep, linear_step, step_scalars
-from metacl.meta.eval.protocol import REFERENCE_LRS, ProtocolConfig, Sweep, draw_tasks
+from metacl.meta.eval.linear_engine import LinearEngine
+from metacl.meta.eval.protocol import REFERENCE_LRS, ProtocolConfig, draw_tasks
+from metacl.meta.eval.sweep import LRSweep
+from metacl.meta.eval.trajectories import Trajectories, trajectories_in_memory
 
 FULL_SWEEP_UPDATES = 9000 * 120 * 1000 * 2305
 """Parameter updates of the full 600-class sweep: 9,000 steps x 120 trajectories x a 1000 x 2305 head."""
@@ -85,7 +88,7 @@ def frozen(args: argparse.Namespace, device: torch.device, floor_ns: float | Non
     protocol = ProtocolConfig(classes=[600], lrs=list(REFERENCE_LRS), runs=runs, compile=not args.eager,
                               memory_gb=args.memory_gb, trajectory_group=args.trajectory_group)
     images = torch.rand(659, 20, args.features, device=device)
-    sweep = Sweep(Features(args.features, args.outputs).to(device), images, protocol, seed=0)
+    sweep = LRSweep(Features(args.features, args.outputs).to(device), images, protocol, seed=0)
     trajectories = len(REFERENCE_LRS) * runs
     start = time.perf_counter()
     sweep.run(1)  # warm-up: compilation, feature table
@@ -111,14 +114,13 @@ def frozen(args: argparse.Namespace, device: torch.device, floor_ns: float | Non
               f"update = {ns / floor_ns:.1f}x the floor")
     # one evaluation of every trajectory at 600 classes
     tasks = draw_tasks(659, 20, 600, 15, 5, runs, 0, "bench")
-    table = torch.cat([sweep.features(), torch.ones(len(sweep.features()), 1, device=device)], 1)
-    chunk = min(trajectories, sweep._chunk(6 * args.outputs * (args.features + 1) * 4, trajectories))
+    engine = LinearEngine(*sweep.linear_head, sweep.features(), protocol, sweep.linear_step)
+    chunk = trajectories_in_memory(protocol.memory_gb, 6 * args.outputs * (args.features + 1) * 4,
+                                   trajectories)
     weight = torch.randn(chunk, args.outputs, args.features + 1, device=device) * 0.02
-    index = torch.arange(chunk)
-    acc = {k: torch.zeros(1, chunk, 600).numpy() for k in ("train", "test", "train5", "test5")}
+    group = Trajectories.grid(REFERENCE_LRS, runs)[:chunk]
     start = time.perf_counter()
-    sweep._record_linear(acc, 0, index, weight, table, tasks, index // len(REFERENCE_LRS),
-                         tasks.class_ids.to(device))
+    engine.measure(weight, tasks, group)
     sync(device)
     evaluation = (time.perf_counter() - start) * trajectories / chunk
     total = per_step * SWEEP_STEPS + evaluation
@@ -273,7 +275,7 @@ def unfrozen(args: argparse.Namespace, device: torch.device) -> None:
     images = torch.rand(20, 20, 1, 28, 28, device=device)
     lrs = list(REFERENCE_LRS[:args.unfrozen_trajectories])
     protocol = ProtocolConfig(classes=[1], lrs=lrs, runs=1, opt_params=["all"], memory_gb=args.memory_gb)
-    sweep = Sweep(model, images, protocol, seed=0)
+    sweep = LRSweep(model, images, protocol, seed=0)
     sweep.run(1)
     sync(device)
     start = time.perf_counter()

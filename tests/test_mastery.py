@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from metacl.cli import main
-from metacl.core.config import deep_merge, read_yaml
+from metacl.core.config import read_yaml
 from metacl.core.errors import ConfigError, DataError, RunInterrupted
 from metacl.core.experiment import execute, load_experiment_config
 from metacl.core.run import Run

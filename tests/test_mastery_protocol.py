@@ -9,7 +9,6 @@ equality between two runs on the same CPU."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import subprocess
@@ -28,6 +27,7 @@ from metacl.core.run import Run
 from metacl.mastery import allocator
 from metacl.mastery import data as scene_data
 from metacl.mastery import experiment as mastery
+from metacl.mastery.config import ForgettingConfig, ModelConfig
 from metacl.mastery.epochs import draw_all_pairs, episode_counts
 from metacl.models import build_model
 from tests.test_mastery import CONFIGS, scripted_evaluate, tiny, write_scenes
@@ -190,7 +190,7 @@ def test_forgetting_runs_every_new_task_from_the_baselines_weights(scenes, tmp_p
 
 
 def test_forgetting_defaults_follow_the_reference():
-    spec = mastery.ForgettingConfig()
+    spec = ForgettingConfig()
     assert spec.after_episodes == [] and spec.max_subepochs == 1000
     assert spec.subepoch_trials == 1500 and spec.carry_optimizer
     paper = load_experiment_config(CONFIGS / "forgetting.yaml")
@@ -269,7 +269,7 @@ def test_forgetting_config_errors(scenes, tmp_path):
 
 # ------------------------------------------------------------------ task-conditional model
 def test_task_conditional_gate_and_shift_have_biases_and_both_is_the_default():
-    assert mastery.ModelConfig().conditioning == "both"
+    assert ModelConfig().conditioning == "both"
     assert load_experiment_config(CONFIGS / "task-conditional.yaml").model.conditioning == "both"
     model = build_model({"name": "task-conditional", "channels": [4, 8], "hidden": [16],
                          "image_size": [16, 16]})

@@ -1,6 +1,8 @@
 """The sequential meta-test: protocol order, batched == one-by-one sweeps, lstsq, honest selection, schema, CLI."""
 from __future__ import annotations
 
+import os
+import signal
 
 import numpy as np
 import pandas as pd
@@ -10,13 +12,21 @@ from torch import nn
 
 from metacl.cli import main
 from metacl.core.checkpoint import save_checkpoint
-from metacl.core.errors import ConfigError
+from metacl.core.errors import ConfigError, RunInterrupted
 from metacl.core.experiment import execute, load_experiment_config
+from metacl.meta.data.class_images import ClassImages
+from metacl.meta.eval import checkpoints as eval_checkpoints
 from metacl.meta.eval import experiment as eval_experiment
-from metacl.meta.eval.protocol import (ProtocolConfig, Sweep, draw_tasks, eval_points, lstsq_fit,
-                                       reference_trajectory)
-from metacl.meta.eval.report import select_learning_rates, trajectory_accuracy, write_report
+from metacl.meta.eval.checkpoints import load_eval_model
+from metacl.meta.eval.protocol import ProtocolConfig, class_counts, draw_tasks, eval_points
+from metacl.meta.eval.reinit import lstsq_fit
+from metacl.meta.eval.report import trajectory_accuracy, write_report
+from metacl.meta.eval.results import (describe, final_accuracy, read_results, result_frame, select_learning_rates,
+                                      validation_choice)
+from metacl.meta.eval.sweep import LRSweep
+from metacl.meta.eval.trajectories import Trajectories
 from metacl.models import register_model, save_model, build_model
+from tests.meta_eval_reference import reference_trajectory
 
 
 @pytest.fixture(autouse=True)
@@ -85,15 +95,15 @@ def test_tasks_follow_class_order_and_split_train_test_apart():
 
 
 def test_one_adam_step_per_image_in_class_order(monkeypatch):
-    sweep = Sweep(Tiny(), class_images(), protocol(), seed=0)
+    sweep = LRSweep(Tiny(), class_images(), protocol(), seed=0)
     seen_targets = []
-    original = sweep._fused
+    original = sweep.linear_step
 
     def counting(weight, m, v, logits, x, target, *rest):
         seen_targets.append(target.clone())
         return original(weight, m, v, logits, x, target, *rest)
 
-    monkeypatch.setattr(sweep, "_fused", counting)
+    monkeypatch.setattr(sweep, "linear_step", counting)
     sweep.run(4)
     tasks = draw_tasks(30, 20, 4, 15, 5, 2, 0, "test")
     assert len(seen_targets) == 4 * 15
@@ -106,23 +116,24 @@ def test_one_adam_step_per_image_in_class_order(monkeypatch):
     (0, ["fc"], ["fc"], "kaiming", "linear", 2e-6),           # ANML protocol (olft)
     (0, ["fc"], ["fc"], "lstsq", "linear", 2e-6),             # least-squares start, then Adam
     (16, ["fc."], ["fc."], "kaiming", "linear", 2e-6),        # OML head, last layer only
-    (16, ["fc1", "fc."], ["fc1", "fc."], "kaiming", "generic", 2e-6),  # OML 2-layer head
+    (16, ["fc1", "fc."], ["fc1", "fc."], "kaiming", "vmap", 2e-6),  # OML 2-layer head
     # unfrozen: batched convolution gradients sum in another order, and Adam's division by
     # sqrt(v) turns float32 rounding of near-zero gradient entries into ~1e-5 weight differences
-    (0, ["all"], ["fc"], "kaiming", "generic", 2e-5),
+    (0, ["all"], ["fc"], "kaiming", "vmap", 2e-5),
 ])
 def test_batched_sweep_equals_one_by_one_torch_adam(hidden, opt_params, reinit_params, reinit_method, path, atol):
     model, images = Tiny(hidden=hidden), class_images()
     config = protocol(opt_params=opt_params, reinit_params=reinit_params, reinit_method=reinit_method,
                       eval_freq=1)
-    sweep = Sweep(model, images, config, seed=3)
-    sweep.keep_weights = True
-    result = sweep.run(4)
-    assert (sweep.linear is not None) == (path == "linear")
+    sweep = LRSweep(model, images, config, seed=3)
+    result = sweep.run(4, return_weights=True)
+    assert sweep.engine_name == path
     tasks = draw_tasks(30, 20, 4, 15, 5, 2, 3, "test")
-    for trajectory, (lr, trial) in enumerate(zip(result.lrs, result.trials)):
-        reference = reference_trajectory(model, images, tasks, int(trial), float(lr), config, seed=3)[-1]
-        torch.testing.assert_close(sweep.final_weights[trajectory], reference, rtol=1e-5, atol=atol)
+    trajectories = result.trajectories
+    assert trajectories.lr.tolist() == [0.01, 0.001] * 2 and trajectories.run.tolist() == [0, 0, 1, 1]
+    for trajectory, (lr, run) in enumerate(zip(trajectories.lr, trajectories.run)):
+        reference = reference_trajectory(model, images, tasks, int(run), float(lr), config, seed=3)[-1]
+        torch.testing.assert_close(result.weights[trajectory], reference, rtol=1e-5, atol=atol)
     assert result.train_acc.shape == (4, 4, 4)  # eval points 1..4, trajectories, classes
 
 
@@ -141,9 +152,8 @@ def test_trajectory_groups_give_the_all_at_once_result(eval_method):
     for group in (0, 4, 1):  # all 6 at once; 4 + 2 (an uneven last group); one by one
         config = protocol(lrs=[0.05, 0.005, 0.0005], eval_freq=2, trajectory_group=group, eval_method=eval_method,
                           batch_size=8)
-        sweep = Sweep(model, images, config, seed=2)
-        sweep.keep_weights = True
-        results.append((sweep.run(5), torch.stack(sweep.final_weights)))
+        result = LRSweep(model, images, config, seed=2).run(5, return_weights=True)
+        results.append((result, result.weights))
     (together, weights), (grouped, grouped_weights), (single, single_weights) = results
     assert weights.shape[0] == 6
     torch.testing.assert_close(grouped_weights, weights, rtol=1e-5, atol=2e-6)
@@ -155,28 +165,45 @@ def test_trajectory_groups_give_the_all_at_once_result(eval_method):
         protocol(trajectory_group=-1)
 
 
+def test_trajectories_name_each_lr_and_run_and_a_subset_learns_as_in_the_whole_sweep():
+    grid = Trajectories.grid([0.1, 0.01, 0.001], runs=2)
+    assert grid.count == 6 and grid.lr.tolist() == [0.1, 0.01, 0.001] * 2 and grid.run.tolist() == [0, 0, 0, 1, 1, 1]
+    groups = list(grid.groups(4))
+    assert [(where.start, where.stop) for where, _ in groups] == [(0, 4), (4, 6)]
+    assert groups[1][1].run.tolist() == [1, 1] and groups[1][1].lr.tolist() == [0.01, 0.001]
+    assert grid.runs == [0, 1] and grid[2:3].lr.tolist() == [0.001]
+    sweep = LRSweep(Tiny(), class_images(), protocol(lrs=[0.05, 0.005, 0.0005]), seed=4)
+    whole = sweep.run(4, return_weights=True)
+    chosen = sweep.run(4, Trajectories.grid([0.005], 2), return_weights=True)
+    torch.testing.assert_close(chosen.weights, whole.weights[[1, 4]], rtol=1e-5, atol=2e-6)
+    for name in ("train_acc", "test_acc"):
+        assert_accuracies_agree(getattr(chosen, name), getattr(whole, name)[:, [1, 4]])
+    with pytest.raises(ValueError, match="runs 0..1"):
+        sweep.run(4, Trajectories.grid([0.005], 3))
+
+
 @pytest.mark.slow
 def test_compiled_linear_step_matches_eager():
     """torch.compile fuses the linear-head Adam step; it must agree with the eager operations."""
     images, model = class_images(), Tiny()
     results = []
     for compile_step in (False, True):
-        sweep = Sweep(model, images, protocol(compile=compile_step, lrs=[0.05, 0.001]), seed=1)
-        sweep.keep_weights = True
-        results.append((sweep.run(4), torch.stack(sweep.final_weights)))
+        result = LRSweep(model, images, protocol(compile=compile_step, lrs=[0.05, 0.001]), seed=1).run(
+            4, return_weights=True)
+        results.append((result, result.weights))
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=2e-6)
     assert_accuracies_agree(results[1][0].test_acc, results[0][0].test_acc)
 
 
 def test_seen_and_unseen_classes_are_reported_apart():
     config = protocol(lrs=[0.01], eval_freq=1, classes=[5])
-    result = Sweep(Tiny(), class_images(), config, seed=0).run(5)
-    frame = eval_experiment.result_frame(result, eval_experiment.describe(config, "tiny", "synthetic"), 5, "test")
+    result = LRSweep(Tiny(), class_images(), config, seed=0).run(5)
+    frame = result_frame(result, describe(config, "tiny", "synthetic"), 5, "test")
     per_run = trajectory_accuracy(frame)
     first = per_run[per_run["classes_trained"] == 1]
     rows = frame[frame["classes_trained"] == 1]
-    for trial, group in rows.groupby("trial"):
-        assert first.loc[first["trial"] == trial, "seen_train_acc"].item() == \
+    for run, group in rows.groupby("run"):
+        assert first.loc[first["run"] == run, "seen_train_acc"].item() == \
             pytest.approx(group.loc[group["class_id"] == 0, "train_acc"].item())
     assert (first["seen_train_acc"] == 1.0).all()  # the one class learned is remembered
     unseen = rows[rows["class_id"] >= 1]
@@ -207,38 +234,55 @@ def test_lstsq_fit_solves_toy_problems():
 
 def test_zero_shot_and_iid_flavours_run_and_learn():
     images = class_images()
-    zero = Sweep(Tiny(), images, protocol(eval_method="zero-shot", reinit_method="lstsq", init_size=60),
-                 seed=0).run(4)
-    assert zero.lrs.tolist() == [0.0, 0.0] and zero.train_acc.mean() > 0.8
-    iid = Sweep(Tiny(), images, protocol(eval_method="iid", epochs=5, batch_size=8, lrs=[0.01]), seed=0).run(4)
+    zero = LRSweep(Tiny(), images, protocol(eval_method="zero-shot", reinit_method="lstsq", init_size=60),
+                   seed=0).run(4)
+    assert zero.trajectories.lr.tolist() == [0.0, 0.0] and zero.train_acc.mean() > 0.8
+    iid = LRSweep(Tiny(), images, protocol(eval_method="iid", epochs=5, batch_size=8, lrs=[0.01]), seed=0).run(4)
     assert iid.classes_trained == [4] and iid.train_acc.mean() > 0.8
     assert (iid.train_top5 >= iid.train_acc).all()
     with pytest.raises(ConfigError, match="zero-shot"):
         protocol(eval_method="zero-shot")
 
 
-def write_checkpoint(tmp_path):
+def write_checkpoint(tmp_path, **extra):
     torch.manual_seed(0)
     model = build_model({"name": "meta-eval-tiny", "num_classes": 40})
-    return save_model(model, tmp_path / "model.pt")
+    return save_model(model, tmp_path / "model.pt", **extra)
 
 
-def run_eval(tmp_path, monkeypatch, splits, name, **changes):
-    monkeypatch.setattr(eval_experiment, "load_splits", lambda config, device: splits)
+def run_eval(tmp_path, monkeypatch, splits, name, mode="new", **changes):
+    monkeypatch.setattr(eval_experiment, "load_splits", lambda config, device, setup: splits)
     overrides = [f"checkpoint={write_checkpoint(tmp_path)}", f"out_dir={tmp_path}", f"name={name}",
                  "protocol.classes=[3,5]", "protocol.lrs=[0.05,0.005,0.0005]", "protocol.runs=2",
                  "protocol.compile=false", "quiet=true", "device=cpu",
                  *[f"{k}={v}" for k, v in changes.items()]]
-    path, final = execute(load_experiment_config(None, overrides, "meta-eval"))
+    path, final = execute(load_experiment_config(None, overrides, "meta-eval"), mode)
     return path, final, pd.read_parquet(path / "results.parquet")
 
 
+@pytest.fixture
+def sweeps(monkeypatch):
+    """Every LRSweep.run of a meta-eval, in order: (split, class count, its Trajectories)."""
+    calls = []
+    real = LRSweep.run
+
+    def spy(self, classes, trajectories=None, **options):
+        result = real(self, classes, trajectories, **options)
+        calls.append((self.split, classes, result.trajectories))
+        return result
+    monkeypatch.setattr(LRSweep, "run", spy)
+    return calls
+
+
+VAL, TEST = class_images(12, seed=1), class_images(20, seed=2)
+"""A validation pool of 12 classes (fewer than the 15-class test count below) and a test split of 20."""
+
+
 def test_validation_selection_never_touches_test_images(tmp_path, monkeypatch):
-    val, test = class_images(12, seed=1), class_images(20, seed=2)
-    _, final, frame = run_eval(tmp_path, monkeypatch, {"val": val, "test": test}, "clean")
-    poisoned = test.clone()
+    _, final, frame = run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "clean")
+    poisoned = TEST.clone()
     poisoned[:, 15:] = float("nan")  # every image that can be a test image of the test split
-    _, final_poisoned, frame_poisoned = run_eval(tmp_path, monkeypatch, {"val": val, "test": poisoned}, "poisoned")
+    _, final_poisoned, frame_poisoned = run_eval(tmp_path, monkeypatch, {"val": VAL, "test": poisoned}, "poisoned")
     val_rows = frame[frame["split"] == "val"].reset_index(drop=True)
     pd.testing.assert_frame_equal(val_rows, frame_poisoned[frame_poisoned["split"] == "val"].reset_index(drop=True))
     chosen = select_learning_rates(frame).query("selection == 'validation'")[["classes", "lr"]]
@@ -246,31 +290,203 @@ def test_validation_selection_never_touches_test_images(tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(chosen.reset_index(drop=True), chosen_poisoned.reset_index(drop=True))
     assert {k: v for k, v in final.items() if k.startswith("validation") and k.endswith("/lr")} == \
         {k: v for k, v in final_poisoned.items() if k.startswith("validation") and k.endswith("/lr")}
+    # the test split ran at the chosen LRs, whatever its images
+    for rows in (frame, frame_poisoned):
+        test_lrs = rows[rows["split"] == "test"].groupby("classes")["lr"].unique().map(list).to_dict()
+        assert test_lrs == {row.classes: [row.lr] for row in chosen.itertuples()}
     # the poison did reach the test split's measurement, so the check above could have failed
     test_rows = frame_poisoned[frame_poisoned["split"] == "test"]
     assert not np.allclose(test_rows["test_acc"], frame[frame["split"] == "test"]["test_acc"])
 
 
+def test_test_split_runs_only_at_the_validation_chosen_lr_by_default(tmp_path, monkeypatch, sweeps):
+    _, final, frame = run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "chosen",
+                               **{"protocol.classes": "[3,15]"})
+    # validation: every LR x run (3 x 2) at 3 and 12 classes (its pool holds 12); test: the 2 runs at one LR
+    assert [(split, classes, t.count) for split, classes, t in sweeps] == \
+        [("val", 3, 6), ("val", 12, 6), ("test", 3, 2), ("test", 15, 2)]
+    val_final = final_accuracy(frame[frame["split"] == "val"])
+    for _, classes, trajectories in sweeps[2:]:
+        lr, val_classes = validation_choice(val_final, classes)
+        assert val_classes == min(classes, 12)  # 15 classes take the choice of the largest validated count
+        assert trajectories.lr.tolist() == [lr, lr] and trajectories.run.tolist() == [0, 1]
+        assert final[f"validation/{classes}/lr"] == lr
+    test_rows = frame[frame["split"] == "test"]
+    assert len(test_rows) == 2 * (3 + 15)  # runs x classes, measured once at the end
+    assert len(frame) - len(test_rows) == 6 * (3 + 12)
+    assert not any(key.startswith("best-on-test") for key in final)
+
+
+def test_test_lrs_all_reproduces_the_full_sweep_table(tmp_path, monkeypatch, sweeps):
+    _, _, chosen = run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "chosen",
+                            **{"protocol.classes": "[3,15]"})
+    sweeps.clear()
+    _, final, frame = run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "all", test_lrs="all",
+                                  **{"protocol.classes": "[3,15]"})
+    assert [(split, classes, t.count) for split, classes, t in sweeps] == \
+        [("val", 3, 6), ("val", 12, 6), ("test", 3, 6), ("test", 15, 6)]
+    # every split's every-LR sweep, exactly as LRSweep gives it (what meta-eval wrote before test_lrs existed)
+    config = protocol(classes=[3, 15], lrs=[0.05, 0.005, 0.0005])
+    checkpoint = frame["model"].iloc[0]
+    model, info = load_eval_model(checkpoint), describe(config, checkpoint, "omniglot")
+    expected = []
+    for split, images in (("val", VAL), ("test", TEST)):
+        sweep = LRSweep(model, images, config, seed=0, split=split)
+        expected += [result_frame(sweep.run(classes), info, classes, split)
+                     for classes in class_counts(config, split, images.shape[0])]
+    pd.testing.assert_frame_equal(frame, pd.concat(expected, ignore_index=True), check_dtype=False)
+    # the default's validation rows are the same, and its test rows are those of the chosen LRs
+    pd.testing.assert_frame_equal(chosen[chosen["split"] == "val"], frame[frame["split"] == "val"])
+    picked = frame.merge(chosen[chosen["split"] == "test"][["classes", "lr"]].drop_duplicates())
+    picked = picked[picked["split"] == "test"].reset_index(drop=True)
+    assert_accuracies_agree(picked["test_acc"].to_numpy(),
+                            chosen[chosen["split"] == "test"]["test_acc"].to_numpy())
+    assert {"best-on-test/3/lr", "best-on-test/15/lr", "validation/15/lr"} <= set(final)
+
+
+def test_a_meta_eval_stopped_after_validation_resumes_to_the_same_results(tmp_path, monkeypatch):
+    classes = {"protocol.classes": "[3,15]"}
+    _, straight, frame = run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "straight", **classes)
+    real, calls = LRSweep.run, []
+
+    def stop_after_validation(self, *args, **options):
+        calls.append(self.split)
+        if len(calls) == 2:  # the last validation count: the run stops after it, before any test sweep
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **options)
+    monkeypatch.setattr(LRSweep, "run", stop_after_validation)
+    with pytest.raises(RunInterrupted):
+        run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "resumed", **classes)
+    monkeypatch.setattr(LRSweep, "run", real)
+    _, resumed, resumed_frame = run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "resumed", "resume",
+                                         **classes)
+    assert calls == ["val", "val"]
+    pd.testing.assert_frame_equal(resumed_frame, frame)  # the test split at the LRs chosen before the stop
+    assert resumed == straight
+
+
+def test_report_prints_the_final_table_and_labels_best_on_test(tmp_path, monkeypatch):
+    chosen, _, _ = run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "chosen",
+                            **{"protocol.classes": "[3,15]"})
+    every, _, _ = run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "all", test_lrs="all",
+                           **{"protocol.classes": "[3,15]"})
+    printed = []
+    files = write_report([chosen], tmp_path / "chosen-report", echo=printed.append)
+    text = files["markdown"].read_text()
+    assert printed and printed[0] in text  # the final table, printed and in summary.md
+    assert "| classes | test acc | chosen LR | chosen on | runs | train acc |" in printed[0]
+    assert "| 15 | " in printed[0] and "12 val classes †" in printed[0]
+    assert "more classes than the validation pool holds: 15 classes use the choice at the largest " \
+           "validated count (12 classes)" in printed[0]
+    assert "best" not in text.lower()
+    assert set(pd.read_csv(files["selection"])["selection"]) == {"validation"}
+    files = write_report([every], tmp_path / "all-report", echo=None)
+    text = files["markdown"].read_text()
+    assert "### Best on test (the reference's choice; optimistic)" in text
+    assert text.index("chosen LR") < text.index("Best on test")  # the honest table comes first
+    assert set(pd.read_csv(files["selection"])["selection"]) == {"validation", "best-on-test"}
+    for file in files.values():
+        assert file.is_file() and file.stat().st_size > 0
+
+
 def test_results_schema_and_report(tmp_path, monkeypatch):
-    path, _, frame = run_eval(tmp_path, monkeypatch, {"val": class_images(12, seed=1), "test": class_images(20)},
-                              "schema", **{"protocol.eval_freq": 2})
+    path, _, frame = run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "schema",
+                              **{"protocol.eval_freq": 2, "test_lrs": "all"})
     expected = ["model", "dataset", "train_examples", "test_examples", "eval_method", "reinit_method",
-                "reinit_params", "opt_params", "split", "classes", "lr", "trial", "classes_trained", "class_id",
+                "reinit_params", "opt_params", "split", "classes", "lr", "run", "classes_trained", "class_id",
                 "train_acc", "test_acc", "train_acc_top5", "test_acc_top5"]
     assert list(frame.columns) == expected
     # one row per split x class count x lr x run x eval point x class
     per_count = {3: len(eval_points(3, 2)) * 3, 5: len(eval_points(5, 2)) * 5}
     assert len(frame) == 2 * 3 * 2 * sum(per_count.values())
     assert frame["train_acc"].between(0, 1).all() and frame["eval_method"].eq("sequential").all()
-    sizes = frame.groupby(["split", "classes", "lr", "trial", "classes_trained"]).size()
+    sizes = frame.groupby(["split", "classes", "lr", "run", "classes_trained"]).size()
     assert (sizes.index.get_level_values("classes") == sizes.values).all()
-    files = write_report([path], tmp_path / "report")
-    for file in files.values():
-        assert file.is_file() and file.stat().st_size > 0
-    text = files["markdown"].read_text()
-    assert "validation" in text and "best-on-test" in text
+    files = write_report([path], tmp_path / "report", echo=None)
     summary = pd.read_csv(files["summary"])
     assert {"test_acc_ci95", "seen_test_acc", "runs"} <= set(summary.columns)
+    # a table written before the repeat index was named `run` reads the same
+    old = tmp_path / "old.parquet"
+    frame.rename(columns={"run": "trial"}).to_parquet(old)
+    pd.testing.assert_frame_equal(read_results([old]), frame)
+    old_files = write_report([old], tmp_path / "old-report", echo=None)
+    for name in ("summary", "selection"):
+        pd.testing.assert_frame_equal(pd.read_csv(old_files[name]), pd.read_csv(files[name]))
+
+
+# ------------------------------------------------------------------- the checkpoint's data record
+@pytest.fixture
+def datasets(monkeypatch):
+    """metacl.meta.data.load_dataset replaced by synthetic classes; records what meta-eval loads and splits."""
+    from metacl.meta import data
+    calls = []
+
+    def load_dataset(name, split, *, size, data_dir, device, quiet, first_963=False):
+        calls.append(("load", name, split, data_dir, first_963))
+        images = class_images(12 if split == "background" else 20, seed=len(calls))
+        return ClassImages(images.to(device), [f"class{i}" for i in range(len(images))])
+
+    def split_classes(data, val_classes, seed):
+        calls.append(("split", val_classes, seed))
+        return real_split(data, val_classes, seed)
+    real_split = data.split_classes
+    monkeypatch.setattr(data, "load_dataset", load_dataset)
+    monkeypatch.setattr(data, "split_classes", split_classes)
+    return calls
+
+
+def eval_overrides(tmp_path, checkpoint, name, *extra):
+    return [f"checkpoint={checkpoint}", f"out_dir={tmp_path / 'runs'}", f"name={name}", "protocol.classes=[3]",
+            "protocol.lrs=[0.05,0.005]", "protocol.runs=1", "protocol.compile=false", "quiet=true",
+            "device=cpu", *extra]
+
+
+def test_meta_eval_reads_the_validation_split_and_data_dir_from_the_checkpoint(tmp_path, datasets, capsys):
+    trained_on = tmp_path / "training-data"
+    trained_on.mkdir()
+    record = {"dataset": "omniglot", "split": "background", "image_size": 28, "val_classes": 6, "split_seed": 11,
+              "first_963": True, "data_dir": str(trained_on)}
+    checkpoint = write_checkpoint(tmp_path, data=record)
+    # the command, with no data_dir: the training's data folder and validation hold-out
+    assert main(["meta", "eval", str(checkpoint), *eval_overrides(tmp_path, checkpoint, "a")[1:]]) == 0
+    assert datasets == [("load", "omniglot", "background", str(trained_on), True), ("split", 6, 11),
+                        ("load", "omniglot", "evaluation", str(trained_on), False)]
+    assert "run complete" in capsys.readouterr().out
+    # the user's values win
+    datasets.clear()
+    execute(load_experiment_config(None, eval_overrides(tmp_path, checkpoint, "b", f"data_dir={tmp_path}",
+                                                        "data.val_classes=4", "data.split_seed=3"), "meta-eval"))
+    assert datasets == [("load", "omniglot", "background", str(tmp_path), True), ("split", 4, 3),
+                        ("load", "omniglot", "evaluation", str(tmp_path), False)]
+    # validation classes are held out of what the checkpoint was trained on, so that must match
+    with pytest.raises(ConfigError, match="meta-trained on 'background'"):
+        execute(load_experiment_config(None, eval_overrides(tmp_path, checkpoint, "c", "data.val_split=evaluation"),
+                                       "meta-eval"))
+    # a data folder that does not exist here (the checkpoint moved machines): the default one
+    moved = write_checkpoint(tmp_path / "moved", data={**record, "data_dir": str(tmp_path / "gone")})
+    datasets.clear()
+    execute(load_experiment_config(None, eval_overrides(tmp_path, moved, "d"), "meta-eval"))
+    assert [call[3] for call in datasets if call[0] == "load"] == [None, None]
+
+
+def test_older_checkpoints_fall_back_to_the_training_runs_config(tmp_path, datasets):
+    run_dir = tmp_path / "meta-train-old"
+    write_checkpoint(run_dir)  # no data record
+    (run_dir / "config.yaml").write_text("experiment: meta-train\nseed: 5\ndata: {val_classes: 7, first_963: true}\n")
+    _, final = execute(load_experiment_config(None, eval_overrides(tmp_path, run_dir, "old"), "meta-eval"))
+    assert datasets == [("load", "omniglot", "background", None, True), ("split", 7, 5),
+                        ("load", "omniglot", "evaluation", None, False)]
+    assert "validation/3/lr" in final
+    # no validation classes at all: the chosen-LR test refuses, test_lrs=all is the reference's sweep
+    bare = write_checkpoint(tmp_path / "bare")
+    with pytest.raises(ConfigError, match="test_lrs=all"):
+        execute(load_experiment_config(None, eval_overrides(tmp_path, bare, "bare"), "meta-eval"))
+    datasets.clear()
+    _, final = execute(load_experiment_config(None, eval_overrides(tmp_path, bare, "bare", "test_lrs=all"),
+                                              "meta-eval"))
+    assert datasets == [("load", "omniglot", "evaluation", None, False)] and "best-on-test/3/lr" in final
+    with pytest.raises(ConfigError, match="splits has no val"):
+        load_experiment_config(None, eval_overrides(tmp_path, bare, "e", "splits=[test]"), "meta-eval")
 
 
 def test_cli_bad_input_exits_2(tmp_path, capsys):
@@ -292,13 +508,13 @@ def test_run_dir_resolves_to_its_model_checkpoint(tmp_path):
     # an unfinished meta-train run: only the training state, whose model spec is in config.yaml
     save_checkpoint({"step": 5, "model": model.state_dict()}, run_dir / "checkpoints" / "last.pt")
     (run_dir / "config.yaml").write_text("experiment: meta-train\nmodel: {name: meta-eval-tiny, hidden: 3}\n")
-    assert eval_experiment.resolve_checkpoint(run_dir) == run_dir / "checkpoints" / "last.pt"
-    loaded = eval_experiment.load_eval_model(run_dir)
+    assert eval_checkpoints.resolve_checkpoint(run_dir) == run_dir / "checkpoints" / "last.pt"
+    loaded = eval_checkpoints.load_eval_model(run_dir)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     save_model(model, run_dir / "model.pt")  # the finished run's final model wins
-    assert eval_experiment.resolve_checkpoint(run_dir) == run_dir / "model.pt"
+    assert eval_checkpoints.resolve_checkpoint(run_dir) == run_dir / "model.pt"
     with pytest.raises(ConfigError, match="no model checkpoint"):
-        eval_experiment.resolve_checkpoint(tmp_path)
+        eval_checkpoints.resolve_checkpoint(tmp_path)
 
 
 @pytest.mark.slow

@@ -336,10 +336,10 @@ def test_eval_steps_run_the_meta_test_protocol_and_report_reads_the_run(tmp_path
     assert len(final) == 2 * 2 * 2 * 4  # steps x lrs x runs x classes
     assert final["test_acc"].between(0, 1).all()
     # the in-training meta-test is `metacl meta eval`'s: the same numbers from the saved step model
-    from metacl.meta.eval import evaluate_checkpoint
+    from metacl.meta.eval import meta_test_model
     config = load_experiment_config(path / "config.yaml")
     test_pool = meta_experiment.load_test_pool(config, torch.device("cpu"))
-    again = evaluate_checkpoint(load_model(path / "models" / "step-6.pt"), config.meta_test.protocol,
+    again = meta_test_model(load_model(path / "models" / "step-6.pt"), config.meta_test.protocol,
                                 test_pool, seed=config.seed, split="test", model_name="convnet@step-6")
     at_6 = results[(results["step"] == 6) & (results["split"] == "test")].drop(columns="step")
     pd.testing.assert_frame_equal(at_6.reset_index(drop=True), again, check_dtype=False)

@@ -18,7 +18,7 @@ import pytest
 from metacl.cli import main
 from metacl.core import table as table_module
 from metacl.core.config import to_yaml
-from metacl.core.errors import ConfigError, DataError, MetaclError, RunDiverged
+from metacl.core.errors import DataError, MetaclError, RunDiverged
 from metacl.core.experiment import execute, load_experiment_config
 from metacl.core.rundir import RunInUse, RunLock, read_status
 from metacl.mastery import experiment as mastery
@@ -302,3 +302,27 @@ def test_lock_is_exclusive_between_open_files_of_one_process(tmp_path):
     finally:
         first.release()
     RunLock(tmp_path).acquire().release()
+
+
+def test_a_table_started_after_the_checkpoint_is_emptied_on_resume(tmp_path):
+    """Rows flushed to a table that the loaded checkpoint does not know yet (the run was killed
+    between flushing and checkpointing) are not kept twice."""
+    import torch
+    from metacl.core.run import Run
+    config = toy(tmp_path)
+    run = Run.open(config, torch.device("cpu"))
+    run.table("epochs").append({"epoch": 1})
+    run.save_checkpoint({"epoch": 1})
+    run.table("criterion").append({"episode": 1})
+    run.flush()                                           # ... and the process dies here
+    run.close()
+    run.release()
+    again = Run.open(config, torch.device("cpu"), "resume")
+    try:
+        assert again.load_checkpoint()["epoch"] == 1
+        assert len(again.table("criterion")) == 0 and len(again.table("epochs")) == 1
+        again.flush()
+        assert len(pd.read_parquet(tmp_path / "walk" / "criterion.parquet")) == 0
+    finally:
+        again.close()
+        again.release()

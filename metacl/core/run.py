@@ -180,8 +180,10 @@ class Run:
             path, state = previous, load_checkpoint(previous)
         if state is None:
             return None
-        for table_name, length in state.pop("_table_lengths", {}).items():
-            self.table(table_name).truncate(length)
+        lengths = state.pop("_table_lengths", {})
+        # a table the checkpoint does not know was started after it: its rows go too
+        for table_name in {*lengths, *(p.stem for p in self.path.glob("*.parquet"))}:
+            self.table(table_name).truncate(lengths.get(table_name, 0))
         self.log.info("resumed from %s", path)
         return state
 

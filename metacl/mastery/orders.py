@@ -16,6 +16,7 @@ import numpy as np
 
 from ..core.errors import ConfigError
 from ..core.seeding import numpy_rng
+from .config import Config
 
 FEATURES_PER_DIMENSION = 10
 NUM_DIMENSIONS = 3
@@ -123,3 +124,35 @@ def carryover_counts(rows: list[list[int]] | np.ndarray) -> dict[tuple[int, int]
         for a, b in zip(row, row[1:]):
             counts[int(a), int(b)] = counts.get((int(a), int(b)), 0) + 1
     return counts
+
+
+def task_order(config: Config) -> list[int]:
+    """The tasks of each episode (sequential, heterogeneous) or the task set (simultaneous)."""
+    tasks = config.tasks
+    if tasks.condition == "simultaneous":
+        if tasks.dimension is None:
+            return list(range(NUM_FEATURES))
+        return [v + FEATURES_PER_DIMENSION * tasks.dimension for v in range(FEATURES_PER_DIMENSION)]
+    if tasks.condition == "heterogeneous":
+        order = heterogeneous_order(tasks.num_tasks, config.seed, tasks.with_replacement)
+    elif tasks.order == "explicit":
+        if not tasks.explicit or any(t not in range(NUM_FEATURES) for t in tasks.explicit):
+            raise ConfigError(f"tasks.explicit must list feature ids in 0..{NUM_FEATURES - 1}, "
+                              f"got {tasks.explicit}")
+        order = list(tasks.explicit)
+    else:
+        if tasks.dimension is None:
+            raise ConfigError("tasks.dimension must be 0, 1 or 2 for a sequential order")
+        index = config.seed if tasks.order_index is None else tasks.order_index
+        build = williams_order if tasks.order == "williams" else legacy_order
+        order = build(tasks.dimension, index, tasks.square_seed)
+    if not 1 <= tasks.num_tasks <= len(order):
+        raise ConfigError(f"tasks.num_tasks {tasks.num_tasks} must be in 1..{len(order)}")
+    return order[:tasks.num_tasks]
+
+
+def episode_tasks(order: list[int], episode: int) -> tuple[int, list[int]]:
+    """(new task, earlier distinct tasks in first-trained order) of 0-based `episode`."""
+    new = order[episode]
+    old = [t for t in dict.fromkeys(order[:episode]) if t != new]
+    return new, old

@@ -1,34 +1,35 @@
-"""Experiment "meta-eval": meta-test a checkpoint, sweeping LRs x runs x class counts, into a tidy table.
+"""Experiment "meta-eval": meta-test a checkpoint into a tidy results table.
 
     metacl meta eval runs/meta-train-xyz protocol.classes=[10,600] protocol.runs=3
 
+The honest meta-test, by default: every learning rate x run on the `val` split (classes held
+out of meta-training), which chooses the LR per class count; then the `test` split (meta-test
+classes) at that LR only: `runs` trajectories per class count instead of LRs x runs.
+`test_lrs=all` also sweeps the test split at every LR, as the reference did, so the report can
+add its (optimistic, labelled) best-on-test table.
+
 Writes `results.parquet` in the run directory: one row per split x class count x LR x run x
-evaluation point x class. The `val` split (held-out meta-training classes) exists to choose the
-learning rate honestly; the `test` split (meta-test classes) is the measurement. `metacl meta
-report` summarises it.
+evaluation point x class (`results.py`). `metacl meta report` summarises it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, Literal
 
-import numpy as np
 import pandas as pd
 import torch
-import yaml
 from torch import nn
 
-from ...core.checkpoint import load_checkpoint
 from ...core.errors import ConfigError, RunInterrupted
 from ...core.experiment import ExperimentConfig
-from .protocol import ProtocolConfig, Sweep, SweepResult, check_protocol
-from .report import best_learning_rates, select_learning_rates
+from .checkpoints import TrainingData, load_eval_model, resolve_checkpoint, training_data
+from .protocol import ProtocolConfig, check_protocol, class_counts
+from .results import best_learning_rates, chosen_learning_rates, describe, result_frame, select_learning_rates
+from .sweep import LRSweep
 
 SPLITS = ("val", "test")
 """Class pools a meta-test can run on: held-out meta-training classes (LR selection) and the test split."""
-MODEL_FILES = ("model.pt", "checkpoints/model.pt", "checkpoints/last.pt")
-"""Where a run directory's final model is looked for, in this order."""
 
 
 @dataclass
@@ -45,17 +46,19 @@ class EvalDataConfig:
     """Meta-training split from which validation classes are held out."""
     val_classes: int | float | None = None
     """Held-out validation classes of val_split (count or fraction), exactly as in meta-training: they
-    choose the LR. None reads data.val_classes from the meta-training run's config.yaml (0 when there
-    is none); 0 skips validation, leaving only the "best on test" selection."""
+    choose the LR. None takes the checkpoint's data record (older checkpoints: data.val_classes of the
+    meta-training run's config.yaml; 0 when there is none); 0 runs no validation."""
     split_seed: int | None = None
-    """Seed of the validation split (split_classes); None reads the meta-training run's seed, else uses `seed`."""
+    """Seed of the validation split (split_classes); None takes the checkpoint's (older: the meta-training
+    run's seed), else `seed`."""
     first_963: bool | None = None
-    """Use the first 963 background classes; None reads the meta-training run's setting (default false)."""
+    """Use the first 963 background classes; None takes the checkpoint's setting (default false)."""
 
 
 @dataclass
 class Config(ExperimentConfig):
-    """A meta-test of one model checkpoint."""
+    """A meta-test of one model checkpoint. `data_dir` None: the data folder the checkpoint was
+    meta-trained on (its data record), else the default."""
 
     experiment: str = "meta-eval"
     """Always meta-eval."""
@@ -67,175 +70,166 @@ class Config(ExperimentConfig):
     """The meta-test protocol and the sweep."""
     splits: list[str] = field(default_factory=lambda: ["val", "test"])
     """Which sweeps to run: val (LR selection on held-out meta-training classes) and/or test."""
+    test_lrs: Literal["chosen", "all"] = "chosen"
+    """Learning rates of the test split. chosen: per class count only the LR chosen on the val split
+    (needs validation classes unless there is one LR); all: every LR, as the reference did, adding the
+    optimistic best-on-test choice to the report."""
 
     def __post_init__(self) -> None:
         if self.checkpoint:
             resolve_checkpoint(self.checkpoint)
         if not self.splits or set(self.splits) - set(SPLITS):
             raise ConfigError(f"splits={self.splits}: valid splits are {' and '.join(SPLITS)}")
+        if "val" not in self.splits and "test" in self.splits:
+            needs_validation(self.protocol, self.test_lrs, "splits has no val")
 
 
-# ------------------------------------------------------------------------------- checkpoints
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The model file for a checkpoint path or a meta-train run directory."""
-    path = Path(path).expanduser()
-    if not str(path) or str(path) == ".":
-        raise ConfigError("no checkpoint given: pass a model checkpoint file or a meta-train run directory")
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for name in MODEL_FILES:
-            if (path / name).is_file():
-                return path / name
-        found = sorted(p.name for p in (path / "checkpoints").glob("*.pt")) if (path / "checkpoints").is_dir() else []
-        raise ConfigError(f"{path} holds no model checkpoint (looked for {', '.join(MODEL_FILES)}; "
-                          f"checkpoints/ has: {', '.join(found) or 'nothing'})")
-    raise ConfigError(f"checkpoint {path} does not exist; pass a model .pt file or a meta-train run directory")
+def needs_validation(protocol: ProtocolConfig, test_lrs: str, why: str) -> None:
+    """Refuse a chosen-LR test without validation classes to choose on (unless there is only one LR)."""
+    if test_lrs == "chosen" and len(protocol.learning_rates()) > 1:
+        raise ConfigError(f"test_lrs=chosen runs the test split at the LR chosen on validation classes, but {why}: "
+                          f"hold out validation classes (splits=[val,test], data.val_classes=N, as in "
+                          f"meta-training), or set test_lrs=all for the reference's optimistic best-on-test choice")
 
 
-def load_eval_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Build the model of a checkpoint: {model_spec, state_dict}, or a training state {model} whose
-    spec comes from the meta-train run's config.yaml (`checkpoints/last.pt` of an unfinished run)."""
-    from ...models import build_model
-    file = resolve_checkpoint(path)
-    state = load_checkpoint(file, "cpu")
-    weights = state.get("state_dict", state.get("model"))
-    spec = state.get("model_spec") or training_config(file).get("model")
-    if not isinstance(spec, dict) or not isinstance(weights, dict):
-        raise ConfigError(f"{file} is not a metacl model checkpoint: it needs model_spec and state_dict "
-                          f"(or model, next to a meta-train config.yaml); it has keys {', '.join(sorted(state))}")
-    model = build_model(spec)
-    model.load_state_dict(weights)
-    return model.to(device).eval()
+# ------------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class DataSetup:
+    """The data meta-eval reads: the validation hold-out and the data folder."""
+
+    val_classes: int | float
+    split_seed: int
+    first_963: bool
+    data_dir: str | None
+    notes: tuple[str, ...] = ()
+    """What was taken from where, for the log."""
 
 
-def training_config(path: str | Path) -> dict[str, Any]:
-    """The meta-training run's config.yaml next to a run directory or its checkpoints ({} if none)."""
-    path = Path(path).expanduser()
-    for folder in (path, path.parent, path.parent.parent):
-        if (folder / "config.yaml").is_file() and folder.is_dir():
-            data = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-            if data.get("experiment") == "meta-train":
-                return data
-    return {}
+def data_setup(config: Config) -> DataSetup:
+    """Config values where given; else the checkpoint's data record (older: its run's config.yaml)."""
+    trained = training_data(config.checkpoint) if config.checkpoint else TrainingData()
+    data = config.data
+    val_classes = trained.val_classes if data.val_classes is None else data.val_classes
+    split_seed = data.split_seed if data.split_seed is not None else \
+        trained.split_seed if trained.split_seed is not None else config.seed
+    first_963 = trained.first_963 if data.first_963 is None else data.first_963
+    notes = [f"validation setup from {trained.source}: val_classes={val_classes}, split_seed={split_seed}, "
+             f"first_963={first_963}"]
+    data_dir = config.data_dir
+    if data_dir is None and trained.data_dir:
+        if Path(trained.data_dir).is_dir():
+            data_dir = trained.data_dir
+            notes.append(f"data_dir {data_dir} (where the checkpoint was meta-trained)")
+        else:
+            notes.append(f"the checkpoint was meta-trained on data_dir {trained.data_dir}, which does not exist "
+                         f"here; using the default data folder (set data_dir= to choose)")
+    if trained.recorded and "val" in config.splits and val_classes:
+        for key, ours, theirs in (("dataset", data.dataset, trained.dataset), ("val_split", data.val_split,
+                                                                                trained.split)):
+            if theirs is not None and ours != theirs:
+                raise ConfigError(f"data.{key}={ours!r}, but the checkpoint was meta-trained on {theirs!r}: "
+                                  f"validation classes are held out of the training data; set data.{key}={theirs}")
+        if trained.image_size is not None and trained.image_size != data.size:
+            notes.append(f"note: data.size={data.size}, but the checkpoint was meta-trained at {trained.image_size} px")
+    return DataSetup(val_classes, int(split_seed), bool(first_963), data_dir, tuple(notes))
 
 
-# ------------------------------------------------------------------------------- results
-def result_frame(result: SweepResult, info: dict[str, Any], classes: int, split: str) -> pd.DataFrame:
-    """The tidy table of one sweep: one row per evaluation point x trajectory x class."""
-    points, trajectories, num = result.train_acc.shape
-    e, t, c = np.meshgrid(np.arange(points), np.arange(trajectories), np.arange(num), indexing="ij")
-    frame = pd.DataFrame({
-        **{key: [value] * e.size for key, value in info.items()},
-        "split": split,
-        "classes": classes,
-        "lr": result.lrs[t.ravel()],
-        "trial": result.trials[t.ravel()],
-        "classes_trained": np.asarray(result.classes_trained)[e.ravel()],
-        "class_id": c.ravel(),
-        "train_acc": result.train_acc.ravel(),
-        "test_acc": result.test_acc.ravel(),
-        "train_acc_top5": result.train_top5.ravel(),
-        "test_acc_top5": result.test_top5.ravel(),
-    })
-    return frame
-
-
-def describe(protocol: ProtocolConfig, model: str, dataset: str) -> dict[str, Any]:
-    """The columns that identify an evaluation (constant within one meta-eval run)."""
-    return {"model": model, "dataset": dataset, "train_examples": protocol.train_examples,
-            "test_examples": protocol.test_examples, "eval_method": protocol.eval_method,
-            "reinit_method": protocol.reinit_method, "reinit_params": ",".join(protocol.reinit_params),
-            "opt_params": ",".join(protocol.opt_params)}
-
-
-def evaluate_checkpoint(model: nn.Module, protocol: ProtocolConfig, images: torch.Tensor, *, seed: int = 0,
-                        split: str = "test", model_name: str = "model", dataset: str = "omniglot",
-                        quiet: bool = True, log: Callable[[str], None] | None = None) -> pd.DataFrame:
-    """Meta-test `model` on `images` (C, K, channels, H, W) for every class count of `protocol`.
-
-    For meta-training's evaluations at its eval_steps: returns the tidy results table (see `result_frame`);
-    `report.final_accuracy(frame)` reduces it to one accuracy per class count and LR. The model is
-    copied, never modified.
-    """
-    sweep = Sweep(model, images, protocol, seed, split, quiet=quiet, log=log)
-    info = describe(protocol, model_name, dataset)
-    counts = sweep_counts(protocol, split, images.shape[0])
-    return pd.concat([result_frame(sweep.run(c), info, c, split) for c in counts], ignore_index=True)
-
-
-# ------------------------------------------------------------------------------- the run
-def _validation_setup(config: Config) -> tuple[int | float, int, bool]:
-    trained = training_config(config.checkpoint) if config.checkpoint else {}
-    trained_data = trained.get("data", {}) if isinstance(trained.get("data"), dict) else {}
-    val_classes = config.data.val_classes
-    if val_classes is None:
-        val_classes = trained_data.get("val_classes", 0) or 0
-    split_seed = config.data.split_seed
-    if split_seed is None:
-        split_seed = trained_data.get("split_seed", trained.get("seed", config.seed))
-    first_963 = config.data.first_963
-    if first_963 is None:
-        first_963 = bool(trained_data.get("first_963", False))
-    return val_classes, int(split_seed), first_963
-
-
-def load_splits(config: Config, device: torch.device) -> dict[str, torch.Tensor]:
+def load_splits(config: Config, device: torch.device, setup: DataSetup) -> dict[str, torch.Tensor]:
     """The image tensors of the requested splits ("val": held-out meta-training classes; "test")."""
     from ..data import load_dataset, split_classes
-    kwargs = dict(size=config.data.size, data_dir=config.data_dir, device=device, quiet=config.quiet)
+    kwargs = dict(size=config.data.size, data_dir=setup.data_dir, device=device, quiet=config.quiet)
     splits = {}
-    val_classes, split_seed, first_963 = _validation_setup(config)
-    if "val" in config.splits and val_classes:
-        background = load_dataset(config.data.dataset, config.data.val_split, first_963=first_963, **kwargs)
-        splits["val"] = split_classes(background, val_classes, split_seed)[1].images
+    if "val" in config.splits and setup.val_classes:
+        background = load_dataset(config.data.dataset, config.data.val_split, first_963=setup.first_963, **kwargs)
+        splits["val"] = split_classes(background, setup.val_classes, setup.split_seed)[1].images
     if "test" in config.splits:
         splits["test"] = load_dataset(config.data.dataset, config.data.test_split, **kwargs).images
     return splits
 
 
-def sweep_counts(protocol: ProtocolConfig, split: str, available: int) -> list[int]:
-    """Class counts to sweep on a split; validation caps them at the classes it holds."""
-    if split == "val":
-        return sorted({min(c, available) for c in protocol.classes})
-    too_many = [c for c in protocol.classes if c > available]
-    if too_many:
-        raise ConfigError(f"protocol.classes {too_many} exceed the {available} classes of the test split")
-    return list(protocol.classes)
+# ------------------------------------------------------------------------------- a model in memory
+def meta_test_model(model: nn.Module, protocol: ProtocolConfig, images: torch.Tensor, *, seed: int = 0,
+                    split: str = "test", model_name: str = "model", dataset: str = "omniglot",
+                    lrs: dict[int, float] | None = None, quiet: bool = True,
+                    log: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """Meta-test `model` on `images` (C, K, channels, H, W) at every class count of `protocol`.
+
+    Every LR x run, or with `lrs` ({class count: lr}) each class count at its LR only. Returns the
+    tidy results table (`results.result_frame`); `results.final_accuracy(frame)` reduces it to one
+    accuracy per class count, LR and run. The model is copied, never modified. Meta-training calls
+    this at its eval steps.
+    """
+    sweep = LRSweep(model, images, protocol, seed, split, quiet=quiet, log=log)
+    info = describe(protocol, model_name, dataset)
+    frames = []
+    for classes in class_counts(protocol, split, images.shape[0]):
+        trajectories = None if lrs is None else sweep.trajectories([lrs[classes]])
+        frames.append(result_frame(sweep.run(classes, trajectories), info, classes, split))
+    return pd.concat(frames, ignore_index=True)
 
 
+# ------------------------------------------------------------------------------- the run
 def run(config: Config, run) -> dict:
     check_protocol(config.protocol)
     model = load_eval_model(config.checkpoint, run.device)
-    splits = load_splits(config, run.device)
-    state = run.load_checkpoint() or {"done": []}
+    setup = data_setup(config)
+    for note in setup.notes:
+        run.log.info(note)
+    splits = load_splits(config, run.device, setup)
+    if not splits:
+        raise ConfigError(f"splits={config.splits}, but the checkpoint holds no validation classes "
+                          f"(val_classes={setup.val_classes}): nothing to meta-test; set data.val_classes")
+    state = run.load_checkpoint()
+    # a run started by metacl before test_lrs existed swept the test split at every LR: finish it so
+    state = state if state is not None else {"done": [], "test_lrs": config.test_lrs}
+    test_lrs = state.setdefault("test_lrs", "all")
+    if "test" in splits and "val" not in splits:
+        needs_validation(config.protocol, test_lrs, f"the checkpoint holds none (val_classes={setup.val_classes})")
     table = run.table("results")
     info = describe(config.protocol, str(config.checkpoint), config.data.dataset)
-    run.log.info("meta-eval of %s: splits %s, %d LRs x %d runs", resolve_checkpoint(config.checkpoint),
-                 ", ".join(f"{k} ({v.shape[0]} classes)" for k, v in splits.items()),
-                 len(config.protocol.lrs), config.protocol.runs)
+    run.log.info("meta-eval of %s: splits %s, %d LRs x %d runs (test split: %s)",
+                 resolve_checkpoint(config.checkpoint),
+                 ", ".join(f"{k} ({v.shape[0]} classes)" for k, v in splits.items()), len(config.protocol.lrs),
+                 config.protocol.runs, "every LR" if test_lrs == "all" else "the validation-chosen LR")
     for split, images in splits.items():
-        sweep = Sweep(model, images, config.protocol, config.seed, split, quiet=config.quiet, log=run.log.info)
-        for classes in sweep_counts(config.protocol, split, images.shape[0]):
+        sweep = LRSweep(model, images, config.protocol, config.seed, split, quiet=config.quiet, log=run.log.info)
+        counts = class_counts(config.protocol, split, images.shape[0])
+        chosen = {}
+        if split == "test" and test_lrs == "chosen":
+            candidates = config.protocol.learning_rates()
+            chosen = chosen_learning_rates(table.frame(), counts) if "val" in splits else \
+                {classes: (candidates[0], None) for classes in counts}
+        for classes in counts:
             key = f"{split}/{classes}"
             if key in state["done"]:
                 continue
-            frame = result_frame(sweep.run(classes), info, classes, split)
+            trajectories = sweep.trajectories([chosen[classes][0]]) if chosen else None
+            frame = result_frame(sweep.run(classes, trajectories), info, classes, split)
             table.append(frame.to_dict("records"))
-            best = best_learning_rates(frame).iloc[0]
-            run.tracker.log({f"{split}/best_test_acc": float(best.test_acc), f"{split}/best_lr": float(best.lr)},
-                            classes)
-            run.log.info("%s, %d classes: best mean test accuracy %.4f at lr %g", split, classes,
-                         best.test_acc, best.lr)
+            log_progress(run, frame, split, classes, chosen.get(classes))
             state["done"].append(key)
             run.save_checkpoint(state)
             if run.stop_requested:
                 raise RunInterrupted(f"stopped after {key}; resume with --resume")
     run.flush()
-    frame = table.frame()
-    selection = select_learning_rates(frame)
     summary = {}
-    for row in selection.itertuples():
+    for row in select_learning_rates(table.frame()).itertuples():
         summary[f"{row.selection}/{row.classes}/lr"] = float(row.lr)
         summary[f"{row.selection}/{row.classes}/test_acc"] = float(row.test_acc)
     return summary
+
+
+def log_progress(run, frame: pd.DataFrame, split: str, classes: int,
+                 chosen: tuple[float, int | None] | None) -> None:
+    """One line and one tracker point per class count: the best LR of a sweep, or the chosen LR's accuracy."""
+    best = best_learning_rates(frame).iloc[0]
+    if chosen is None:
+        run.tracker.log({f"{split}/best_test_acc": float(best.test_acc), f"{split}/best_lr": float(best.lr)},
+                        classes)
+        run.log.info("%s, %d classes: best mean test accuracy %.4f at lr %g", split, classes, best.test_acc,
+                     best.lr)
+        return
+    lr, val_classes = chosen
+    run.tracker.log({f"{split}/test_acc": float(best.test_acc), f"{split}/lr": float(lr)}, classes)
+    run.log.info("%s, %d classes: mean test accuracy %.4f at lr %g (chosen on %s)", split, classes, best.test_acc,
+                 lr, f"{val_classes} validation classes" if val_classes else "the only LR")

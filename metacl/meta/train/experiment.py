@@ -28,9 +28,9 @@ from ...core.run import tensor_digest
 from ...core.seeding import derive_seed, torch_generator
 from ...models import build_model, save_model, select_parameters
 from ...models.registry import check_model_spec
-from ..eval.experiment import SPLITS, evaluate_checkpoint
+from ..eval.experiment import SPLITS, meta_test_model
 from ..eval.protocol import ProtocolConfig
-from ..eval.report import best_learning_rates
+from ..eval.results import best_learning_rates
 from .algorithms import algorithm_class
 from .functional import FunctionalModel, continual_trial
 from .loop import TrainingLoop
@@ -225,9 +225,9 @@ def run(config: Config, run) -> dict:
     def meta_test(step: int) -> None:
         for split in config.meta_test.splits:
             images = val_images if split == "val" else test_pool()
-            frame = evaluate_checkpoint(model, config.meta_test.protocol, images, seed=config.seed,
-                                        split=split, model_name=f"{config.model.get('name')}@step-{step}",
-                                        dataset=config.data.dataset, log=run.log.info)
+            frame = meta_test_model(model, config.meta_test.protocol, images, seed=config.seed,
+                                    split=split, model_name=f"{config.model.get('name')}@step-{step}",
+                                    dataset=config.data.dataset, log=run.log.info)
             run.table("meta_test").append(frame.assign(step=step).to_dict("records"))
             for best in best_learning_rates(frame).itertuples():
                 run.tracker.log({f"meta_test/{split}_{best.classes}_classes_best_lr_acc": float(best.test_acc)}, step)
