@@ -16,11 +16,11 @@ import numpy as np
 
 from ..core.errors import ConfigError
 from ..core.seeding import numpy_rng
+from ..scenes.features import DIMENSIONS, NUM_FEATURES, VALUES_PER_DIMENSION
 from .config import Config
 
-FEATURES_PER_DIMENSION = 10
-NUM_DIMENSIONS = 3
-NUM_FEATURES = FEATURES_PER_DIMENSION * NUM_DIMENSIONS
+FEATURES_PER_DIMENSION = VALUES_PER_DIMENSION
+NUM_DIMENSIONS = len(DIMENSIONS)
 REFERENCE_FIRST_ROW = (1, 2, 10, 3, 9, 4, 8, 5, 7, 6)
 
 

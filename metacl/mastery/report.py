@@ -16,6 +16,7 @@ import yaml
 
 from ..core import atomic
 from ..core.errors import DataError
+from ..core.plots import pyplot, save_figure
 from ..core.stats import t_quantile
 
 @dataclass
@@ -126,9 +127,7 @@ def forgetting_tasks(forgetting: pd.DataFrame) -> pd.DataFrame:
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path, fit_from: int = 2) -> Path:
     """Write tables (CSV), plots (PNG) and summary.md for `run_dirs` into `out_dir`."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tables = read_runs(run_dirs)
     out = Path(out_dir)
@@ -168,11 +167,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, fit_from: int 
 
 
 def _save(fig, path: Path) -> str:
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-    return path.name
+    return save_figure(fig, path).name
 
 
 def _plot_trials(plt, criterion, per_episode, fit, path):

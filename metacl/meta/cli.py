@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cli.common import add_mode_arguments, add_run_arguments, launch
+from ..core.commands import add_mode_arguments, add_run_arguments, launch
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:

@@ -21,9 +21,11 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
+from ..scenes.features import NUM_FEATURES
 from .registry import register_model
 
-NUM_QUERIES = 30
+NUM_QUERIES = NUM_FEATURES
+"""One query per feature of the scenes vocabulary (scenes/features.py)."""
 
 
 class ConvBlock(nn.Module):

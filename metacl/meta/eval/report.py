@@ -16,6 +16,7 @@ import pandas as pd
 
 from ...core.atomic import atomic_path, write_text
 from ...core.errors import ConfigError
+from ...core.plots import pyplot, save_figure
 from .results import KEYS, ci95, final_accuracy, read_results, select_learning_rates
 
 SELECTION_LABELS = {"validation": "LR chosen on validation classes",
@@ -54,9 +55,7 @@ def _label(row: pd.Series | dict, keys: list[str], varying: list[str]) -> str:
 
 def plot_accuracy_vs_classes(selection: pd.DataFrame, path: Path) -> None:
     """Final train and test accuracy against the number of classes, with 95% CI bands."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     keys = [k for k in KEYS if k in selection.columns]
     varying = [k for k in keys if selection[k].nunique() > 1]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
@@ -81,9 +80,7 @@ def plot_accuracy_vs_classes(selection: pd.DataFrame, path: Path) -> None:
 
 def plot_accuracy_vs_lr(frame: pd.DataFrame, path: Path, counts: int = 4) -> None:
     """Final test-image accuracy against the learning rate at up to `counts` class counts, per split."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     final = final_accuracy(frame)
     keys = [k for k in KEYS if k in final.columns]
     varying = [k for k in keys if final[k].nunique() > 1]
@@ -117,10 +114,7 @@ def plot_accuracy_vs_lr(frame: pd.DataFrame, path: Path, counts: int = 4) -> Non
 
 
 def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def final_table(selection: pd.DataFrame) -> str:

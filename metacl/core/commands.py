@@ -1,4 +1,5 @@
-"""Pieces shared by every command that launches an experiment run."""
+"""Command-line pieces shared by every domain command that launches an experiment run (the
+domain `cli` modules import them; the top-level `metacl.cli` only assembles the parser)."""
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,7 @@ def run_mode(args: argparse.Namespace) -> str:
 def launch(args: argparse.Namespace, experiment: str, config_path: str | None,
            overrides: list[str]) -> int:
     """Load, validate and execute one experiment run; print where its results are."""
-    from ..core.experiment import execute, load_experiment_config
+    from .experiment import execute, load_experiment_config
     overrides = list(overrides) + (["quiet=true"] if args.quiet else [])
     config = load_experiment_config(config_path, overrides, experiment)
     path, final = execute(config, run_mode(args), args.accept_data_change)
