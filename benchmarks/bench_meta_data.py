@@ -5,6 +5,7 @@
 DIR holds the Omniglot zips (default: ../shared/data/omniglot next to the repository, else metacl's
 data dir). Caches go to a temporary folder, so every run measures a cold first load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(SHARED) if SHARED.is_dir() else None)
     parser.add_argument("--size", type=int, default=28)
     parser.add_argument("--split", default="background", choices=("background", "evaluation"))
@@ -36,8 +36,7 @@ def main() -> None:
 
     for workers in dict.fromkeys(args.workers):
         with tempfile.TemporaryDirectory() as cache:
-            options = dict(size=args.size, data_dir=args.data_dir, cache_dir=cache, device=args.device,
-                           quiet=True)
+            options = dict(size=args.size, data_dir=args.data_dir, cache_dir=cache, device=args.device, quiet=True)
             start = time.perf_counter()
             data = load_dataset("omniglot", args.split, workers=workers, **options)
             first = time.perf_counter() - start
@@ -46,8 +45,10 @@ def main() -> None:
             cached = time.perf_counter() - start
             cache_mb = sum(p.stat().st_size for p in Path(cache).iterdir()) / 2**20
         assert torch.equal(data.images, again.images)
-        print(f"omniglot {args.split} {args.size}px {tuple(data.images.shape)}: first load {first:.2f}s "
-              f"({workers} worker(s)), cached load {cached:.3f}s, cache file {cache_mb:.1f} MiB")
+        print(
+            f"omniglot {args.split} {args.size}px {tuple(data.images.shape)}: first load {first:.2f}s "
+            f"({workers} worker(s)), cached load {cached:.3f}s, cache file {cache_mb:.1f} MiB"
+        )
 
     batch = data.images[:64, 0].to(args.device)
     generator = torch_generator(0, "bench", device=args.device)

@@ -32,6 +32,7 @@ vmap and, as the reference does it, one trajectory with torch.optim.Adam, both i
 
 Every figure printed is measured in this run; the first line names the hardware.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,8 +86,14 @@ def sync(device: torch.device) -> None:
 
 def frozen(args: argparse.Namespace, device: torch.device, floor_ns: float | None) -> dict[str, float]:
     runs = args.trajectories // len(REFERENCE_LRS)
-    protocol = ProtocolConfig(classes=[600], lrs=list(REFERENCE_LRS), runs=runs, compile=not args.eager,
-                              memory_gb=args.memory_gb, trajectory_group=args.trajectory_group)
+    protocol = ProtocolConfig(
+        classes=[600],
+        lrs=list(REFERENCE_LRS),
+        runs=runs,
+        compile=not args.eager,
+        memory_gb=args.memory_gb,
+        trajectory_group=args.trajectory_group,
+    )
     images = torch.rand(659, 20, args.features, device=device)
     sweep = LRSweep(Features(args.features, args.outputs).to(device), images, protocol, seed=0)
     trajectories = len(REFERENCE_LRS) * runs
@@ -102,21 +109,26 @@ def frozen(args: argparse.Namespace, device: torch.device, floor_ns: float | Non
     steps = classes * 15
     per_step = elapsed / steps
     params = trajectories * args.outputs * (args.features + 1)
-    print(f"frozen sweep: T={trajectories} trajectories in groups of {args.trajectory_group or 'all (memory)'}, "
-          f"head {args.outputs} x {args.features + 1}, {'eager' if args.eager else 'compiled'}, "
-          f"{torch.get_num_threads()} threads, device {device}, load average {load()}")
-    print(f"  warm-up (compile) {warm:.1f} s; {steps} steps in {elapsed:.1f} s = {per_step * 1e3:.1f} ms/step "
-          f"for all trajectories, {per_step / params * 1e9:.2f} ns per parameter update "
-          f"(~{28 * params / per_step / 1e9:.1f} GB/s at 28 bytes/parameter)")
+    print(
+        f"frozen sweep: T={trajectories} trajectories in groups of {args.trajectory_group or 'all (memory)'}, "
+        f"head {args.outputs} x {args.features + 1}, {'eager' if args.eager else 'compiled'}, "
+        f"{torch.get_num_threads()} threads, device {device}, load average {load()}"
+    )
+    print(
+        f"  warm-up (compile) {warm:.1f} s; {steps} steps in {elapsed:.1f} s = {per_step * 1e3:.1f} ms/step "
+        f"for all trajectories, {per_step / params * 1e9:.2f} ns per parameter update "
+        f"(~{28 * params / per_step / 1e9:.1f} GB/s at 28 bytes/parameter)"
+    )
     ns = per_step / params * 1e9
     if floor_ns:
-        print(f"  vs the arithmetic floor (adam_floor.c, this run): {ns:.2f} / {floor_ns:.3f} ns per "
-              f"update = {ns / floor_ns:.1f}x the floor")
+        print(
+            f"  vs the arithmetic floor (adam_floor.c, this run): {ns:.2f} / {floor_ns:.3f} ns per "
+            f"update = {ns / floor_ns:.1f}x the floor"
+        )
     # one evaluation of every trajectory at 600 classes
     tasks = draw_tasks(659, 20, 600, 15, 5, runs, 0, "bench")
     engine = LinearEngine(*sweep.linear_head, sweep.features(), protocol, sweep.linear_step)
-    chunk = trajectories_in_memory(protocol.memory_gb, 6 * args.outputs * (args.features + 1) * 4,
-                                   trajectories)
+    chunk = trajectories_in_memory(protocol.memory_gb, 6 * args.outputs * (args.features + 1) * 4, trajectories)
     weight = torch.randn(chunk, args.outputs, args.features + 1, device=device) * 0.02
     group = Trajectories.grid(REFERENCE_LRS, runs)[:chunk]
     start = time.perf_counter()
@@ -125,14 +137,17 @@ def frozen(args: argparse.Namespace, device: torch.device, floor_ns: float | Non
     evaluation = (time.perf_counter() - start) * trajectories / chunk
     total = per_step * SWEEP_STEPS + evaluation
     print(f"  evaluation of all {trajectories} trajectories on 600 classes (12,000 images): {evaluation:.1f} s")
-    print(f"  => full 600-class sweep ({trajectories} trajectories): {per_step * 1e3:.1f} ms/step x "
-          f"{SWEEP_STEPS:,} steps + {evaluation:.1f} s evaluation = {total:.0f} s = {total / 60:.1f} min")
+    print(
+        f"  => full 600-class sweep ({trajectories} trajectories): {per_step * 1e3:.1f} ms/step x "
+        f"{SWEEP_STEPS:,} steps + {evaluation:.1f} s evaluation = {total:.0f} s = {total / 60:.1f} min"
+    )
     return {"per_step": per_step, "trajectories": trajectories, "evaluation": evaluation, "total": total}
 
 
 def reference(args: argparse.Namespace, device: torch.device) -> float:
     """Seconds per step of one trajectory in the reference design: whole-model forward, Adam on fc."""
     from metacl.models import build_model
+
     torch.manual_seed(0)
     model = build_model({"name": "anml", "num_classes": args.outputs}).to(device)
     for name, param in model.named_parameters():
@@ -159,12 +174,16 @@ def reference(args: argparse.Namespace, device: torch.device) -> float:
     per_step = (time.perf_counter() - start) / args.reference_steps
     fc = model.fc.weight.shape
     full = per_step * SWEEP_STEPS * SWEEP_TRAJECTORIES
-    print(f"reference design (one trajectory at a time: whole ANML forward per image, torch.optim.Adam "
-          f"on fc {fc[0]} x {fc[1]} + bias only), {args.reference_steps} steps after {warmup} warm-up, "
-          f"{torch.get_num_threads()} threads, device {device}, load average {load()}")
-    print(f"  {per_step * 1e3:.2f} ms per step of one trajectory => full sweep {per_step * 1e3:.2f} ms x "
-          f"{SWEEP_STEPS:,} steps x {SWEEP_TRAJECTORIES} trajectories = {full:.0f} s = {full / 3600:.2f} h "
-          f"(steps only; its evaluation passes are not timed)")
+    print(
+        f"reference design (one trajectory at a time: whole ANML forward per image, torch.optim.Adam "
+        f"on fc {fc[0]} x {fc[1]} + bias only), {args.reference_steps} steps after {warmup} warm-up, "
+        f"{torch.get_num_threads()} threads, device {device}, load average {load()}"
+    )
+    print(
+        f"  {per_step * 1e3:.2f} ms per step of one trajectory => full sweep {per_step * 1e3:.2f} ms x "
+        f"{SWEEP_STEPS:,} steps x {SWEEP_TRAJECTORIES} trajectories = {full:.0f} s = {full / 3600:.2f} h "
+        f"(steps only; its evaluation passes are not timed)"
+    )
     return per_step
 
 
@@ -174,18 +193,26 @@ def compare(ours: dict[str, float], reference_step: float) -> None:
     ref_all = reference_step * t
     ref_steps = ref_all * SWEEP_STEPS
     ours_steps = ours["per_step"] * SWEEP_STEPS
-    print(f"comparison, same run and machine, per step of all T={t} trajectories "
-          f"(metacl's encoder is frozen and precomputed once; the reference runs it every image):")
-    print(f"  reference {reference_step * 1e3:.2f} ms x {t} trajectories = {ref_all * 1e3:.1f} ms/step; "
-          f"metacl {ours['per_step'] * 1e3:.1f} ms/step => metacl is {ref_all / ours['per_step']:.1f}x "
-          f"the reference")
-    print(f"  steps of the 600-class sweep for T={t}: reference {ref_all * 1e3:.1f} ms x {SWEEP_STEPS:,} = "
-          f"{ref_steps:.0f} s = {ref_steps / 3600:.2f} h; metacl {ours['per_step'] * 1e3:.1f} ms x "
-          f"{SWEEP_STEPS:,} = {ours_steps:.0f} s = {ours_steps / 60:.1f} min "
-          f"(+ {ours['evaluation']:.1f} s evaluation = {ours['total'] / 60:.1f} min in all)")
+    print(
+        f"comparison, same run and machine, per step of all T={t} trajectories "
+        f"(metacl's encoder is frozen and precomputed once; the reference runs it every image):"
+    )
+    print(
+        f"  reference {reference_step * 1e3:.2f} ms x {t} trajectories = {ref_all * 1e3:.1f} ms/step; "
+        f"metacl {ours['per_step'] * 1e3:.1f} ms/step => metacl is {ref_all / ours['per_step']:.1f}x "
+        f"the reference"
+    )
+    print(
+        f"  steps of the 600-class sweep for T={t}: reference {ref_all * 1e3:.1f} ms x {SWEEP_STEPS:,} = "
+        f"{ref_steps:.0f} s = {ref_steps / 3600:.2f} h; metacl {ours['per_step'] * 1e3:.1f} ms x "
+        f"{SWEEP_STEPS:,} = {ours_steps:.0f} s = {ours_steps / 60:.1f} min "
+        f"(+ {ours['evaluation']:.1f} s evaluation = {ours['total'] / 60:.1f} min in all)"
+    )
     if t != SWEEP_TRAJECTORIES:
-        print(f"  (T={t}, not the full sweep's {SWEEP_TRAJECTORIES}: run with --trajectories "
-              f"{SWEEP_TRAJECTORIES} for the full sweep's figures)")
+        print(
+            f"  (T={t}, not the full sweep's {SWEEP_TRAJECTORIES}: run with --trajectories "
+            f"{SWEEP_TRAJECTORIES} for the full sweep's figures)"
+        )
 
 
 def adam_floor(threads: int) -> float | None:
@@ -196,14 +223,18 @@ def adam_floor(threads: int) -> float | None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         binary = Path(tmp) / "adam_floor"
-        build = subprocess.run([gcc, "-O3", "-march=native", "-fno-math-errno", "-fopenmp",
-                                str(ADAM_FLOOR), "-o", str(binary), "-lm"], capture_output=True, text=True)
+        build = subprocess.run(
+            [gcc, "-O3", "-march=native", "-fno-math-errno", "-fopenmp", str(ADAM_FLOOR), "-o", str(binary), "-lm"],
+            capture_output=True,
+            text=True,
+        )
         if build.returncode != 0:
             errors = [line for line in build.stderr.splitlines() if "error" in line] or [f"exit {build.returncode}"]
             print(f"arithmetic floor skipped: gcc failed to build {ADAM_FLOOR.name}: {errors[0].strip()}")
             return None
-        run = subprocess.run([str(binary)], capture_output=True, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        run = subprocess.run(
+            [str(binary)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)}
+        )
     match = re.search(r"([0-9.]+) ns per parameter update", run.stdout)
     if run.returncode != 0 or match is None:
         print(f"arithmetic floor skipped: {ADAM_FLOOR.name} printed no figure (exit {run.returncode})")
@@ -221,6 +252,7 @@ def load() -> str:
 def groups(args: argparse.Namespace, device: torch.device, floor_ns: float | None) -> None:
     """ns per parameter update of the fused step for each group size, interleaved and repeated."""
     import torch._dynamo
+
     torch._dynamo.config.recompile_limit = 64  # one compilation per group size (and output strides)
     sizes = [int(g) for g in args.groups.split(",")]
     width = args.features + 1
@@ -244,8 +276,15 @@ def groups(args: argparse.Namespace, device: torch.device, floor_ns: float | Non
         start = time.perf_counter()
         for k in range(steps):
             neg_step, bc2_sqrt = step_scalars(lrs, s["done"] + k + 1, (0.9, 0.999))
-            logits = s["step"](*s["tensors"], logits, table[order[:, k]], targets[:, k], table[order[:, k + 1]],
-                               neg_step.to(device), torch.tensor(bc2_sqrt, dtype=torch.float64))
+            logits = s["step"](
+                *s["tensors"],
+                logits,
+                table[order[:, k]],
+                targets[:, k],
+                table[order[:, k + 1]],
+                neg_step.to(device),
+                torch.tensor(bc2_sqrt, dtype=torch.float64),
+            )
         sync(device)
         s["done"] += steps
         return (time.perf_counter() - start) / steps / (g * args.outputs * width) * 1e9
@@ -253,27 +292,36 @@ def groups(args: argparse.Namespace, device: torch.device, floor_ns: float | Non
     start = time.perf_counter()
     for g in sizes:
         advance(g, 2)
-    print(f"group sizes {sizes}: warm-up (compile) {time.perf_counter() - start:.0f} s, "
-          f"{torch.get_num_threads()} threads, device {device}")
+    print(
+        f"group sizes {sizes}: warm-up (compile) {time.perf_counter() - start:.0f} s, "
+        f"{torch.get_num_threads()} threads, device {device}"
+    )
     measured = {g: [] for g in sizes}
     for repeat in range(args.repeats):
         for g in sizes if repeat % 2 == 0 else sizes[::-1]:  # alternate the order against drifting load
             measured[g].append(advance(g, max(3, int(args.group_updates // (g * args.outputs * width)))))
-        print(f"  repeat {repeat}: load {load()}: " +
-              ", ".join(f"G={g} {measured[g][-1]:.2f}" for g in sizes) + " ns/update", flush=True)
+        print(
+            f"  repeat {repeat}: load {load()}: "
+            + ", ".join(f"G={g} {measured[g][-1]:.2f}" for g in sizes)
+            + " ns/update",
+            flush=True,
+        )
     for g in sizes:
         ns = statistics.median(measured[g])
-        print(f"  G={g:4d}: median {ns:.2f} ns/update (min {min(measured[g]):.2f}) => full sweep "
-              f"{ns * FULL_SWEEP_UPDATES / 1e9 / 60:.0f} min of steps"
-              + (f"; {ns / floor_ns:.1f}x the arithmetic floor" if floor_ns else ""))
+        print(
+            f"  G={g:4d}: median {ns:.2f} ns/update (min {min(measured[g]):.2f}) => full sweep "
+            f"{ns * FULL_SWEEP_UPDATES / 1e9 / 60:.0f} min of steps"
+            + (f"; {ns / floor_ns:.1f}x the arithmetic floor" if floor_ns else "")
+        )
     print(f"  load average after: {load()}")
 
 
 def unfrozen(args: argparse.Namespace, device: torch.device) -> None:
     from metacl.models import build_model
+
     model = build_model({"name": "anml"}).to(device)
     images = torch.rand(20, 20, 1, 28, 28, device=device)
-    lrs = list(REFERENCE_LRS[:args.unfrozen_trajectories])
+    lrs = list(REFERENCE_LRS[: args.unfrozen_trajectories])
     protocol = ProtocolConfig(classes=[1], lrs=lrs, runs=1, opt_params=["all"], memory_gb=args.memory_gb)
     sweep = LRSweep(model, images, protocol, seed=0)
     sweep.run(1)
@@ -298,15 +346,21 @@ def unfrozen(args: argparse.Namespace, device: torch.device) -> None:
     sync(device)
     single = (time.perf_counter() - start) / 20
     per_trajectory = vmapped / len(lrs)
-    print(f"unfrozen ANML (every parameter learns), same run: {len(lrs)} trajectories under vmap "
-          f"{vmapped * 1e3:.0f} ms/step ({per_trajectory * 1e3:.0f} ms per trajectory-step, incl. evaluations); "
-          f"reference design, one trajectory with torch.optim.Adam, {single * 1e3:.0f} ms/step")
-    print(f"  per trajectory-step: metacl (vmap) is {single / per_trajectory:.1f}x the reference "
-          f"({single * 1e3:.0f} / {per_trajectory * 1e3:.0f} ms)")
-    print(f"  => 600 classes x 120 trajectories: metacl {per_trajectory * 1e3:.0f} ms x {SWEEP_STEPS:,} x "
-          f"{SWEEP_TRAJECTORIES} = {per_trajectory * SWEEP_STEPS * SWEEP_TRAJECTORIES / 3600:.1f} h; reference "
-          f"{single * 1e3:.0f} ms x {SWEEP_STEPS:,} x {SWEEP_TRAJECTORIES} = "
-          f"{single * SWEEP_STEPS * SWEEP_TRAJECTORIES / 3600:.1f} h")
+    print(
+        f"unfrozen ANML (every parameter learns), same run: {len(lrs)} trajectories under vmap "
+        f"{vmapped * 1e3:.0f} ms/step ({per_trajectory * 1e3:.0f} ms per trajectory-step, incl. evaluations); "
+        f"reference design, one trajectory with torch.optim.Adam, {single * 1e3:.0f} ms/step"
+    )
+    print(
+        f"  per trajectory-step: metacl (vmap) is {single / per_trajectory:.1f}x the reference "
+        f"({single * 1e3:.0f} / {per_trajectory * 1e3:.0f} ms)"
+    )
+    print(
+        f"  => 600 classes x 120 trajectories: metacl {per_trajectory * 1e3:.0f} ms x {SWEEP_STEPS:,} x "
+        f"{SWEEP_TRAJECTORIES} = {per_trajectory * SWEEP_STEPS * SWEEP_TRAJECTORIES / 3600:.1f} h; reference "
+        f"{single * 1e3:.0f} ms x {SWEEP_STEPS:,} x {SWEEP_TRAJECTORIES} = "
+        f"{single * SWEEP_STEPS * SWEEP_TRAJECTORIES / 3600:.1f} h"
+    )
 
 
 def main() -> None:
@@ -318,21 +372,34 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=2304)
     parser.add_argument("--steps", type=int, default=150, help="steps to time (whole classes of 15)")
     parser.add_argument("--memory-gb", type=float, default=4.0)
-    parser.add_argument("--trajectory-group", type=int, default=0,
-                        help="protocol.trajectory_group of the timed sweep (0 = as many as memory allows)")
+    parser.add_argument(
+        "--trajectory-group",
+        type=int,
+        default=0,
+        help="protocol.trajectory_group of the timed sweep (0 = as many as memory allows)",
+    )
     parser.add_argument("--groups", default="", help="comma-separated group sizes to compare, e.g. 1,2,4,8,120")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the group comparison")
-    parser.add_argument("--group-updates", type=float, default=1.5e9,
-                        help="parameter updates per group measurement (steps = this / group parameters)")
+    parser.add_argument(
+        "--group-updates",
+        type=float,
+        default=1.5e9,
+        help="parameter updates per group measurement (steps = this / group parameters)",
+    )
     parser.add_argument("--eager", action="store_true", help="no torch.compile fusion")
     parser.add_argument("--unfrozen-trajectories", type=int, default=4)
     parser.add_argument("--skip-unfrozen", action="store_true")
     parser.add_argument("--skip-frozen", action="store_true")
-    parser.add_argument("--reference-steps", type=int, default=200,
-                        help="timed steps of the reference design (after up to 10 warm-up steps)")
+    parser.add_argument(
+        "--reference-steps",
+        type=int,
+        default=200,
+        help="timed steps of the reference design (after up to 10 warm-up steps)",
+    )
     parser.add_argument("--skip-reference", action="store_true")
-    parser.add_argument("--floor", action="store_true",
-                        help="compile adam_floor.c with gcc, run it, print the ratio to its ns/update")
+    parser.add_argument(
+        "--floor", action="store_true", help="compile adam_floor.c with gcc, run it, print the ratio to its ns/update"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

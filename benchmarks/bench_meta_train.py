@@ -24,6 +24,7 @@ algorithm has this reference (`sequential_episodic` is printed alone), and it ne
 check line compares the two designs' meta-loss and meta-gradient on one episode from the same
 weights (`--skip-check` leaves it out).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,6 +74,7 @@ def use_func_inner_grads() -> None:
             logits = fmodel.logits({**rest, **inner}, episode.images, shared, rows)
             loss = F.cross_entropy(logits, episode.labels[rows])
             return loss, (loss.detach(), (logits.detach().argmax(1) == episode.labels[rows]).sum())
+
         grad = torch.func.grad(step_loss, has_aux=True)
         for rows in episode.inner_batches(cycles):
             inner = {n: fast[n] for n in inner_names}
@@ -83,6 +85,7 @@ def use_func_inner_grads() -> None:
             stats.correct.append(correct)
             stats.count += rows.stop - rows.start
         return fast, stats
+
     functional.inner_loop = inner_loop
 
 
@@ -96,8 +99,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def reference_meta_loss(higher, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer,
-                        episode: Episode) -> torch.Tensor:
+def reference_meta_loss(
+    higher, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer, episode: Episode
+) -> torch.Tensor:
     """The reference (higherANML) episode up to `.backward()` of the meta-loss; returns the loss.
 
     One full forward pass per trajectory image and a differentiable SGD step through `higher`,
@@ -112,13 +116,13 @@ def reference_meta_loss(higher, model: torch.nn.Module, inner_optimizer: torch.o
     return loss.detach()
 
 
-def check_equivalence(higher, model: torch.nn.Module, inner_names: list[str],
-                      episode: Episode) -> str:
+def check_equivalence(higher, model: torch.nn.Module, inner_names: list[str], episode: Episode) -> str:
     """Meta-loss and meta-gradient of both designs on one episode from the same weights."""
     ours, ref = copy.deepcopy(model), copy.deepcopy(model)
     params = dict(ours.named_parameters())
-    loss, _, _ = meta_loss(FunctionalModel(ours, inner_names), params, inner_names, episode,
-                           INNER_LR, 1, create_graph=True)
+    loss, _, _ = meta_loss(
+        FunctionalModel(ours, inner_names), params, inner_names, episode, INNER_LR, 1, create_graph=True
+    )
     grads = torch.autograd.grad(loss, list(params.values()), materialize_grads=True)
     ref_params = dict(ref.named_parameters())
     inner = torch.optim.SGD([ref_params[n] for n in inner_names], lr=INNER_LR)
@@ -129,14 +133,22 @@ def check_equivalence(higher, model: torch.nn.Module, inner_names: list[str],
     loss = loss.detach()
     loss_diff = abs(float(loss) - float(ref_loss))
     ok = loss_diff <= 1e-4 * max(1.0, abs(float(ref_loss))) and grad_diff <= 1e-3 * grad_scale
-    return (f"check (one episode, same weights, not timed): meta-loss metacl {float(loss):.6f} vs "
-            f"higher {float(ref_loss):.6f} (|diff| {loss_diff:.1e}); meta-gradient max |diff| "
-            f"{grad_diff:.1e} (max |grad| {grad_scale:.1e}) -> {'agree' if ok else 'DIFFER'}")
+    return (
+        f"check (one episode, same weights, not timed): meta-loss metacl {float(loss):.6f} vs "
+        f"higher {float(ref_loss):.6f} (|diff| {loss_diff:.1e}); meta-gradient max |diff| "
+        f"{grad_diff:.1e} (max |grad| {grad_scale:.1e}) -> {'agree' if ok else 'DIFFER'}"
+    )
 
 
-def time_reference(higher, model: torch.nn.Module, inner_prefixes: list[str],
-                   images: torch.Tensor, device: torch.device, episodes: int,
-                   warmup: int) -> list[float]:
+def time_reference(
+    higher,
+    model: torch.nn.Module,
+    inner_prefixes: list[str],
+    images: torch.Tensor,
+    device: torch.device,
+    episodes: int,
+    warmup: int,
+) -> list[float]:
     """Seconds per reference episode (after `warmup` untimed ones), on metacl's episode stream."""
     generator = torch.Generator().manual_seed(0)  # the same seed, so the same episodes as metacl
     sampler = EpisodeSampler(images, generator)
@@ -170,12 +182,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--inner-grad", choices=["autograd", "func"], default="autograd")
-    parser.add_argument("--reference-episodes", type=int, default=5,
-                        help="timed episodes of the reference design (higher), after 1 warm-up")
-    parser.add_argument("--skip-reference", action="store_true",
-                        help="do not time the reference design")
-    parser.add_argument("--skip-check", action="store_true",
-                        help="do not compare the two designs' meta-loss and gradient on one episode")
+    parser.add_argument(
+        "--reference-episodes",
+        type=int,
+        default=5,
+        help="timed episodes of the reference design (higher), after 1 warm-up",
+    )
+    parser.add_argument("--skip-reference", action="store_true", help="do not time the reference design")
+    parser.add_argument(
+        "--skip-check",
+        action="store_true",
+        help="do not compare the two designs' meta-loss and gradient on one episode",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -191,25 +209,28 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     # one generator draws the episodes and zaps, as the reference design below replays it
     trainer = algorithm_class(args.algorithm)(
-        model, images, EpisodeConfig(inner_params=inner_prefixes, outer_params=["all"]),
-        {"sample": generator, "zap": generator})
+        model,
+        images,
+        EpisodeConfig(inner_params=inner_prefixes, outer_params=["all"]),
+        {"sample": generator, "zap": generator},
+    )
 
     higher, reference_note = None, None
     if args.skip_reference:
         reference_note = "reference not timed (--skip-reference)"
     elif args.algorithm != "meta":
-        reference_note = (f"no reference design is timed for {args.algorithm} (the higher "
-                          "reference covers the second-order `meta` algorithm only)")
+        reference_note = (
+            f"no reference design is timed for {args.algorithm} (the higher "
+            "reference covers the second-order `meta` algorithm only)"
+        )
     else:
         try:
             import higher
         except ImportError:
-            reference_note = ("reference not timed: the `higher` library is not installed "
-                              "(pip install higher)")
+            reference_note = "reference not timed: the `higher` library is not installed (pip install higher)"
     if higher is not None and not args.skip_check:
         check_sampler = EpisodeSampler(images, torch.Generator().manual_seed(1))
-        print(check_equivalence(higher, model, trainer.inner_names, check_sampler.sample()),
-              flush=True)
+        print(check_equivalence(higher, model, trainer.inner_names, check_sampler.sample()), flush=True)
 
     def episode() -> None:
         trainer.step(0)
@@ -228,11 +249,15 @@ def main() -> None:
         cpu.append(time.process_time() - c0)
         memory.append(memory_mb(device))
     median = statistics.median(wall)
-    print(f"{args.model} {args.algorithm} on {device} ({torch.get_num_threads()} threads, "
-          f"inner grads: {args.inner_grad}), {args.episodes} episodes after {args.warmup} warm-up, "
-          f"load average {load()}")
-    print(f"  seconds/episode: median {median:.3f}  mean {statistics.mean(wall):.3f}  "
-          f"min {min(wall):.3f}  (CPU time {statistics.median(cpu):.3f})")
+    print(
+        f"{args.model} {args.algorithm} on {device} ({torch.get_num_threads()} threads, "
+        f"inner grads: {args.inner_grad}), {args.episodes} episodes after {args.warmup} warm-up, "
+        f"load average {load()}"
+    )
+    print(
+        f"  seconds/episode: median {median:.3f}  mean {statistics.mean(wall):.3f}  "
+        f"min {min(wall):.3f}  (CPU time {statistics.median(cpu):.3f})"
+    )
     print(f"  episodes/s: {1 / median:.2f}")
     if device.type == "cuda":
         print(f"  peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
@@ -243,23 +268,33 @@ def main() -> None:
     half = len(memory) // 2
     growth = statistics.median(memory[half:]) - statistics.median(memory[:half] or memory)
     flat = growth < max(50.0, 0.05 * start_memory)
-    print(f"  memory after warm-up {start_memory:.0f} MiB, over {args.episodes} episodes "
-          f"{min(memory):.0f}-{max(memory):.0f} MiB: growth (median of the second half minus "
-          f"the first) {growth:+.1f} MiB -> {'flat' if flat else 'GROWING'}", flush=True)
+    print(
+        f"  memory after warm-up {start_memory:.0f} MiB, over {args.episodes} episodes "
+        f"{min(memory):.0f}-{max(memory):.0f} MiB: growth (median of the second half minus "
+        f"the first) {growth:+.1f} MiB -> {'flat' if flat else 'GROWING'}",
+        flush=True,
+    )
     if higher is None:
         print(reference_note)
         return
     trainer = model = None  # free metacl's optimiser state before the reference runs
-    reference = time_reference(higher, reference_model, inner_prefixes, images, device,
-                               args.reference_episodes, warmup=1)
+    reference = time_reference(
+        higher, reference_model, inner_prefixes, images, device, args.reference_episodes, warmup=1
+    )
     reference_median = statistics.median(reference)
-    print(f"reference design (higher, higherANML's): {args.model} meta on {device}, "
-          f"{args.reference_episodes} episodes after 1 warm-up, same run and machine, "
-          f"load average {load()}")
-    print(f"  seconds/episode: median {reference_median:.3f}  mean {statistics.mean(reference):.3f}  "
-          f"min {min(reference):.3f}")
-    print(f"metacl is {reference_median / median:.1f}x the reference (higher) on this machine: "
-          f"median {reference_median:.3f} s/episode (higher) / {median:.3f} s/episode (metacl)")
+    print(
+        f"reference design (higher, higherANML's): {args.model} meta on {device}, "
+        f"{args.reference_episodes} episodes after 1 warm-up, same run and machine, "
+        f"load average {load()}"
+    )
+    print(
+        f"  seconds/episode: median {reference_median:.3f}  mean {statistics.mean(reference):.3f}  "
+        f"min {min(reference):.3f}"
+    )
+    print(
+        f"metacl is {reference_median / median:.1f}x the reference (higher) on this machine: "
+        f"median {reference_median:.3f} s/episode (higher) / {median:.3f} s/episode (metacl)"
+    )
 
 
 if __name__ == "__main__":

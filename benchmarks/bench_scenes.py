@@ -7,6 +7,7 @@ projected time for the 50,000-image dataset. Target: 50k images at 160x120 in <=
 Measures the whole pipeline (layout sampling, visibility resampling, rendering) but not the HDF5
 write; the one-off sprite-atlas build is timed separately since it is paid once per process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,14 +40,18 @@ def measure(device: str, images: int, height: int, width: int, batch_size: int) 
     rate = images / wall
     projected = FULL_DATASET / rate + atlas_s
     verdict = "meets" if projected <= TARGET_SECONDS else "MISSES"
-    print(f"{device}: {rate:.1f} images/s ({images} images at {height}x{width}, batch {batch_size}, "
-          f"{torch.get_num_threads()} threads, CPU time {cpu:.1f}s for {wall:.1f}s wall); "
-          f"atlas build {atlas_s:.1f}s; projected 50k: {projected / 60:.1f} min ({verdict} the 10 min target)")
+    print(
+        f"{device}: {rate:.1f} images/s ({images} images at {height}x{width}, batch {batch_size}, "
+        f"{torch.get_num_threads()} threads, CPU time {cpu:.1f}s for {wall:.1f}s wall); "
+        f"atlas build {atlas_s:.1f}s; projected 50k: {projected / 60:.1f} min ({verdict} the 10 min target)"
+    )
     if device == "cpu":
         # On a shared machine wall time includes other users' load; CPU time does not.
-        print(f"cpu: {images / cpu:.1f} images per CPU-second "
-              f"(projected 50k on {torch.get_num_threads()} dedicated thread(s) at perfect scaling: "
-              f"{FULL_DATASET * cpu / images / torch.get_num_threads() / 60:.1f} min)")
+        print(
+            f"cpu: {images / cpu:.1f} images per CPU-second "
+            f"(projected 50k on {torch.get_num_threads()} dedicated thread(s) at perfect scaling: "
+            f"{FULL_DATASET * cpu / images / torch.get_num_threads() / 60:.1f} min)"
+        )
 
 
 def main() -> None:

@@ -4,6 +4,7 @@
 per image, from the starting values `LRSweep` gives the run: the batched engines must end at the
 same weights (`LRSweep.run(..., return_weights=True)`) to float32 rounding.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,16 @@ from metacl.meta.eval.protocol import ProtocolConfig, Tasks
 from metacl.meta.eval.sweep import LRSweep
 
 
-def reference_trajectory(model: nn.Module, images: torch.Tensor, tasks: Tasks, run: int, lr: float,
-                         protocol: ProtocolConfig, seed: int, split: str = "test") -> list[torch.Tensor]:
+def reference_trajectory(
+    model: nn.Module,
+    images: torch.Tensor,
+    tasks: Tasks,
+    run: int,
+    lr: float,
+    protocol: ProtocolConfig,
+    seed: int,
+    split: str = "test",
+) -> list[torch.Tensor]:
     """The trainable parameters, flattened in the model's order, after every class of run `run` at `lr`."""
     sweep = LRSweep(model, images, protocol, seed, split)
     net = copy.deepcopy(model).eval()
@@ -36,7 +45,7 @@ def reference_trajectory(model: nn.Module, images: torch.Tensor, tasks: Tasks, r
     labels = tasks.class_ids[run].repeat_interleave(protocol.train_examples)
     snapshots = []
     for step, index in enumerate(tasks.train[run].tolist()):
-        loss = F.cross_entropy(net(flat[index:index + 1]), labels[step:step + 1].to(flat.device))
+        loss = F.cross_entropy(net(flat[index : index + 1]), labels[step : step + 1].to(flat.device))
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

@@ -1,5 +1,6 @@
 """The structure stays easy to see: imports flow one way between packages, no module imports
 itself in a circle, and no module grows past about 350 lines."""
+
 from __future__ import annotations
 
 import ast
@@ -9,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "metacl"
 
 ALLOWED = {  # package -> the metacl packages it may import (besides itself)
     "core": set(),
-    "models": {"core", "scenes"},      # scenes: the feature vocabulary (scenes/features.py) only
+    "models": {"core", "scenes"},  # scenes: the feature vocabulary (scenes/features.py) only
     "scenes": {"core"},
     "mastery": {"core", "models", "scenes"},
     "meta": {"core", "models"},
@@ -32,7 +33,7 @@ def imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
@@ -55,8 +56,12 @@ def top(module: str) -> str:
 
 
 def test_packages_import_only_the_layers_below():
-    wrong = [f"{m} imports {t}" for m, targets in GRAPH.items() for t in targets
-             if top(m) in ALLOWED and top(t) not in (top(m), "") and top(t) not in ALLOWED[top(m)]]
+    wrong = [
+        f"{m} imports {t}"
+        for m, targets in GRAPH.items()
+        for t in targets
+        if top(m) in ALLOWED and top(t) not in (top(m), "") and top(t) not in ALLOWED[top(m)]
+    ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -85,6 +90,7 @@ def test_no_import_cycles():
                     break
             if len(component) > 1:
                 cycles.append(sorted(component))
+
     for module in GRAPH:
         if module not in index:
             visit(module)

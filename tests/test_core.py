@@ -1,4 +1,5 @@
 """Run plumbing: config validation, atomic writes, seeding, run directories, resume."""
+
 import json
 from dataclasses import dataclass, field
 from typing import Literal
@@ -51,13 +52,16 @@ def test_extends_merges_parent_values(tmp_path):
     assert (config.steps, config.inner.lr, config.inner.kind) == (7, 0.25, "b")
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"stpes": 1}, "unknown key 'stpes'; valid keys: steps, tags, inner, note"),
-    ({"inner": {"lrr": 1}}, "unknown key 'inner.lrr'; valid keys under 'inner': lr, kind"),
-    ({"steps": "many"}, "steps: expected an integer, got 'many'"),
-    ({"inner": {"kind": "c"}}, "inner.kind: invalid value 'c'; valid choices: a, b"),
-    ({"inner": {"lr": True}}, "inner.lr: expected a number"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"stpes": 1}, "unknown key 'stpes'; valid keys: steps, tags, inner, note"),
+        ({"inner": {"lrr": 1}}, "unknown key 'inner.lrr'; valid keys under 'inner': lr, kind"),
+        ({"steps": "many"}, "steps: expected an integer, got 'many'"),
+        ({"inner": {"kind": "c"}}, "inner.kind: invalid value 'c'; valid choices: a, b"),
+        ({"inner": {"lr": True}}, "inner.lr: expected a number"),
+    ],
+)
 def test_bad_config_names_key_and_choices(data, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         from_dict(Outer, data)
@@ -117,8 +121,15 @@ def _toy(tmp_path, *overrides):
 def test_run_directory_holds_config_env_log_table_checkpoint(tmp_path):
     path, final = execute(_toy(tmp_path, "seed=4"))
     assert sorted(p.name for p in path.iterdir()) == [
-        ".lock", "checkpoints", "config.yaml", "data.json", "env.json", "log.txt", "metrics.parquet",
-        "status.json"]
+        ".lock",
+        "checkpoints",
+        "config.yaml",
+        "data.json",
+        "env.json",
+        "log.txt",
+        "metrics.parquet",
+        "status.json",
+    ]
     env = json.loads((path / "env.json").read_text())
     assert env["packages"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert env["device"] == "cpu"

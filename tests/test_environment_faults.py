@@ -2,6 +2,7 @@
 silent download servers, W&B without a login or network, read-only data folders. Each command
 exits 2 with a message naming the problem and what to do, and leaves everything else as it was
 (issue: user data is sacred). None of these depends on float results of training."""
+
 from __future__ import annotations
 
 import hashlib
@@ -21,13 +22,13 @@ import torch
 from metacl.cli import main
 from metacl.core import atomic
 from metacl.core.errors import ConfigError, DataError
+from metacl.core.tracking import TrackingConfig, check_backends
+from metacl.core.tracking import wandb as wandb_module
 from metacl.meta.data import cache as cache_module
 from metacl.meta.data import download as download_module
 from metacl.meta.data import omniglot
 from metacl.meta.data.download import download
 from metacl.scenes.h5 import SceneWriter, load_scenes, partial_path
-from metacl.core.tracking import TrackingConfig, check_backends
-from metacl.core.tracking import wandb as wandb_module
 from tests.test_mastery import tiny, write_scenes
 from tests.test_meta_data import omniglot_zip
 
@@ -37,14 +38,15 @@ UNREACHABLE = "http://127.0.0.1:9/"
 
 def snapshot(folder: Path) -> dict[str, tuple[str, int, int]]:
     """(md5, mtime, mode) of every file under `folder`: proves a command changed nothing."""
-    return {str(p.relative_to(folder)): (hashlib.md5(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns,
-                                         p.stat().st_mode)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (hashlib.md5(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns, p.stat().st_mode)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def scenes_args(out: Path | str, *extra: str, n: int = 2) -> list[str]:
-    return ["data", "scenes", "--num-images", str(n), "--out", str(out), "--workers", "1", "--quiet",
-            *extra]
+    return ["data", "scenes", "--num-images", str(n), "--out", str(out), "--workers", "1", "--quiet", *extra]
 
 
 # ------------------------------------------------------------- 1. existing outputs, folders
@@ -106,9 +108,11 @@ def test_preview_refuses_existing_files_folders_and_its_own_input(tmp_path, caps
     png.write_bytes(b"my hand-made figure")
     (tmp_path / "folder").mkdir()
     before = snapshot(tmp_path)
-    cases = [([str(png)], f"error: {png} already exists; pass --overwrite to replace it"),
-             ([str(tmp_path / "folder")], "is a folder; give a file name, e.g."),
-             ([str(scenes), "--overwrite"], "is the scenes file itself")]
+    cases = [
+        ([str(png)], f"error: {png} already exists; pass --overwrite to replace it"),
+        ([str(tmp_path / "folder")], "is a folder; give a file name, e.g."),
+        ([str(scenes), "--overwrite"], "is the scenes file itself"),
+    ]
     for out, message in cases:
         assert main(["data", "preview", str(scenes), "--n", "2", "--out", *out]) == 2
         assert message in capsys.readouterr().err
@@ -231,8 +235,7 @@ def test_connecting_has_its_own_short_limit(silent_server, tmp_path, monkeypatch
     monkeypatch.setattr(download_module, "CONNECT_TIMEOUT_S", 0.3)
     start = time.monotonic()
     with pytest.raises(DataError, match="download timeout .*3 attempt"):
-        download(f"https://127.0.0.1:{silent_server}/x.zip", tmp_path / "x.zip", quiet=True,
-                 timeout_s=20, backoff_s=0)
+        download(f"https://127.0.0.1:{silent_server}/x.zip", tmp_path / "x.zip", quiet=True, timeout_s=20, backoff_s=0)
     assert time.monotonic() - start < 5
     assert download_module.CONNECT_TIMEOUT_S < download_module.DEFAULT_TIMEOUT_S <= 30
 
@@ -258,8 +261,7 @@ def test_a_slow_download_that_keeps_receiving_is_not_cut_off(tmp_path):
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
-        dest = download(f"http://127.0.0.1:{server.server_address[1]}/f", tmp_path / "f", quiet=True,
-                        timeout_s=1)
+        dest = download(f"http://127.0.0.1:{server.server_address[1]}/f", tmp_path / "f", quiet=True, timeout_s=1)
     finally:
         server.shutdown()
         server.server_close()
@@ -279,8 +281,10 @@ def test_omniglot_timeout_from_the_flag_or_the_environment(how, silent_server, t
     assert main(argv) == 2
     assert time.monotonic() - start < 5
     err = capsys.readouterr().err
-    assert (f"error: could not download http://127.0.0.1:{silent_server}/images_background.zip: no answer "
-            "from the server within the 1 s download timeout") in err
+    assert (
+        f"error: could not download http://127.0.0.1:{silent_server}/images_background.zip: no answer "
+        "from the server within the 1 s download timeout"
+    ) in err
     assert not list(tmp_path.rglob("*.zip")) and not list(tmp_path.rglob("*.part"))
 
 
@@ -295,16 +299,25 @@ def test_bad_timeouts_are_refused(tmp_path, monkeypatch, capsys):
         assert "--timeout" in capsys.readouterr().err
     monkeypatch.setenv(download_module.TIMEOUT_ENV, "never")
     assert main(["data", "omniglot", "--data-dir", str(tmp_path)]) == 2
-    assert ("error: METACL_DOWNLOAD_TIMEOUT must be a positive number of seconds, got 'never'"
-            in capsys.readouterr().err)
+    assert "error: METACL_DOWNLOAD_TIMEOUT must be a positive number of seconds, got 'never'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------- 5. W&B online
 @pytest.fixture
 def no_wandb_login(tmp_path, monkeypatch):
-    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "WANDB_MODE",
-                 "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
+    for name in (
+        "WANDB_API_KEY",
+        "WANDB_IDENTITY_TOKEN_FILE",
+        "WANDB_BASE_URL",
+        "WANDB_MODE",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
 
@@ -312,15 +325,20 @@ def no_wandb_login(tmp_path, monkeypatch):
 def online_run(tmp_path: Path, *extra: str) -> tuple[list[str], Path, Path]:
     scenes = write_scenes(tmp_path / "scenes.h5", 400)
     out = tmp_path / "runs"
-    return (["mastery", "run", str(MASTERY_CONFIG),
-             *tiny(scenes, out, "tracking.backends=[wandb]", "tracking.wandb_mode=online", *extra)],
-            scenes, out)
+    return (
+        [
+            "mastery",
+            "run",
+            str(MASTERY_CONFIG),
+            *tiny(scenes, out, "tracking.backends=[wandb]", "tracking.wandb_mode=online", *extra),
+        ],
+        scenes,
+        out,
+    )
 
 
-def test_wandb_online_without_an_api_key_is_refused_before_training(no_wandb_login, tmp_path, monkeypatch,
-                                                                     capsys):
-    monkeypatch.setattr(wandb_module, "connect_problem",
-                        lambda *a, **k: pytest.fail("no key: no network check"))
+def test_wandb_online_without_an_api_key_is_refused_before_training(no_wandb_login, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(wandb_module, "connect_problem", lambda *a, **k: pytest.fail("no key: no network check"))
     argv, _, out = online_run(tmp_path)
     before = snapshot(tmp_path)
     assert main(argv) == 2
@@ -335,13 +353,15 @@ def test_wandb_online_without_an_api_key_is_refused_before_training(no_wandb_log
 def test_wandb_online_without_network_is_refused(no_wandb_login, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_API_KEY", "metacl-test-not-a-real-key")
     checked = []
-    monkeypatch.setattr(wandb_module, "connect_problem",
-                        lambda host, port, *a: checked.append((host, port)) or "timed out")
+    monkeypatch.setattr(
+        wandb_module, "connect_problem", lambda host, port, *a: checked.append((host, port)) or "timed out"
+    )
     argv, _, out = online_run(tmp_path)
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert ("error: tracking.wandb_mode=online cannot reach the W&B server api.wandb.ai:443 from this "
-            "machine (timed out)") in err
+    assert (
+        "error: tracking.wandb_mode=online cannot reach the W&B server api.wandb.ai:443 from this machine (timed out)"
+    ) in err
     assert "offline (the default)" in err and "metacl-test-not-a-real-key" not in err
     assert checked == [("api.wandb.ai", 443)]
     assert not list(out.rglob("*.parquet")) and not list(out.rglob("wandb"))
@@ -392,23 +412,27 @@ def read_only(tmp_path, monkeypatch) -> Path:
 
 def test_scenes_into_a_read_only_data_dir(read_only, tmp_path, capsys):
     before = snapshot(tmp_path)
-    assert main(["data", "scenes", "--num-images", "2", "--data-dir", str(read_only), "--workers", "1",
-                 "--quiet"]) == 2
-    assert (f"error: cannot write to {read_only / 'scenes'}: permission denied (the nearest existing "
-            f"folder, {read_only}); choose a writable --data-dir") in capsys.readouterr().err
+    assert main(["data", "scenes", "--num-images", "2", "--data-dir", str(read_only), "--workers", "1", "--quiet"]) == 2
+    assert (
+        f"error: cannot write to {read_only / 'scenes'}: permission denied (the nearest existing "
+        f"folder, {read_only}); choose a writable --data-dir"
+    ) in capsys.readouterr().err
     assert snapshot(tmp_path) == before and list(read_only.iterdir()) == []
 
 
 def test_scenes_write_refused_by_the_file_system(tmp_path, monkeypatch, capsys):
     """os.access may say yes (NFS root squash, ACLs) and the write still fail."""
+
     def refuse(self):
         raise PermissionError(13, "Permission denied", str(self.partial))
 
     monkeypatch.setattr(SceneWriter, "__enter__", refuse)
     out = tmp_path / "x.h5"
     assert main(scenes_args(out)) == 2
-    assert (f"error: cannot write to {partial_path(out)}: permission denied; choose a writable --out"
-            in capsys.readouterr().err)
+    assert (
+        f"error: cannot write to {partial_path(out)}: permission denied; choose a writable --out"
+        in capsys.readouterr().err
+    )
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -428,9 +452,11 @@ def test_omniglot_into_a_read_only_data_dir(read_only, tmp_path, monkeypatch, ca
     monkeypatch.setattr(omniglot, "download", lambda *a, **k: pytest.fail("no download"))
     assert main(["data", "omniglot", "--data-dir", str(read_only), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert (f"error: cannot write to {read_only / 'omniglot'}: permission denied (the nearest existing "
-            f"folder, {read_only}); Omniglot background is not in {read_only}, so it would be downloaded "
-            "there; choose a writable --data-dir") in err
+    assert (
+        f"error: cannot write to {read_only / 'omniglot'}: permission denied (the nearest existing "
+        f"folder, {read_only}); Omniglot background is not in {read_only}, so it would be downloaded "
+        "there; choose a writable --data-dir"
+    ) in err
     assert list(read_only.iterdir()) == []
 
     not_a_folder = tmp_path / "file"
@@ -457,8 +483,11 @@ def test_download_into_an_unwritable_folder_is_not_retried(tmp_path, monkeypatch
 
     monkeypatch.setattr(download_module, "temp_sibling", refuse)
     monkeypatch.setattr(download_module.time, "sleep", lambda s: pytest.fail("retried a local error"))
-    with pytest.raises(DataError, match=r"cannot write to .*: permission denied; save x.zip there yourself "
-                                        r"or choose a writable data folder \(--data-dir\)"):
+    with pytest.raises(
+        DataError,
+        match=r"cannot write to .*: permission denied; save x.zip there yourself "
+        r"or choose a writable data folder \(--data-dir\)",
+    ):
         download(UNREACHABLE + "x.zip", tmp_path / "x.zip", quiet=True)
 
 
@@ -466,10 +495,11 @@ def test_download_into_an_unwritable_folder_is_not_retried(tmp_path, monkeypatch
 def test_folders_the_kernel_refuses_even_to_root(tmp_path, monkeypatch, capsys):
     """sysfs takes no new files from anyone: the real errors, not simulated ones."""
     monkeypatch.setenv(omniglot.URL_PREFIX_ENV, UNREACHABLE)
-    for argv in (["data", "scenes", "--num-images", "2", "--workers", "1", "--quiet",
-                  "--data-dir", "/sys/metacl-test"],
-                 scenes_args("/sys/metacl-test.h5"),
-                 ["data", "omniglot", "--data-dir", "/sys/metacl-test", "--quiet"]):
+    for argv in (
+        ["data", "scenes", "--num-images", "2", "--workers", "1", "--quiet", "--data-dir", "/sys/metacl-test"],
+        scenes_args("/sys/metacl-test.h5"),
+        ["data", "omniglot", "--data-dir", "/sys/metacl-test", "--quiet"],
+    ):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: cannot ") and "/sys" in err and "Traceback" not in err

@@ -4,6 +4,7 @@ re-launching the sweep) ends exactly where an uninterrupted run ends.
 `assert_kill_and_resume_matches` is generic over (experiment, config file, overrides): add a
 case to FAULT_CASES for each experiment (kept tiny: the suite has a time budget).
 """
+
 import json
 import os
 import signal
@@ -26,15 +27,14 @@ TOY = "tests.toy_experiment"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SLOW_TOY = ["walk.steps=40", "walk.step_seconds=0.05", "walk.checkpoint_every=5"]
 
-FAULT_CASES = [
-    pytest.param(TOY, None, SLOW_TOY, id="toy"),
-]
+FAULT_CASES = [pytest.param(TOY, None, SLOW_TOY, id="toy")]
 
 
 def start_worker(config_file: Path, log: Path) -> subprocess.Popen:
     with open(log, "w") as handle:
-        return subprocess.Popen([sys.executable, "-m", "metacl.launch.worker", str(config_file)],
-                                stdout=handle, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "metacl.launch.worker", str(config_file)], stdout=handle, stderr=subprocess.STDOUT
+        )
 
 
 def wait_until(condition, timeout_s: float = 120, what: str = "condition") -> None:
@@ -70,15 +70,17 @@ def assert_same_tables(resumed: Path, reference: Path) -> None:
         pd.testing.assert_frame_equal(got[name], frame, check_exact=True, obj=name)
 
 
-def assert_kill_and_resume_matches(tmp_path: Path, experiment: str, config_file: str | None,
-                                   overrides: list[str], kills=(signal.SIGKILL,)) -> None:
+def assert_kill_and_resume_matches(
+    tmp_path: Path, experiment: str, config_file: str | None, overrides: list[str], kills=(signal.SIGKILL,)
+) -> None:
     """Run once uninterrupted; run again in worker processes (one per signal in `kills`, side
     by side), stop each with its signal after its first checkpoint, resume it: every resumed
     run must end with the reference's final metrics and tables."""
+
     def config(where: str):
-        return load_experiment_config(config_file, [*overrides, f"out_dir={tmp_path / where}",
-                                                    "device=cpu", "quiet=true", "name=run"],
-                                      experiment)
+        return load_experiment_config(
+            config_file, [*overrides, f"out_dir={tmp_path / where}", "device=cpu", "quiet=true", "name=run"], experiment
+        )
 
     ref_dir, reference = execute(config("reference"))
     reference = untimed(reference)
@@ -87,8 +89,12 @@ def assert_kill_and_resume_matches(tmp_path: Path, experiment: str, config_file:
         name = signal.Signals(kill).name
         stopped[kill] = config(name)
         (tmp_path / f"{name}.yaml").write_text(to_yaml(stopped[kill]))
-    workers = {kill: start_worker(tmp_path / f"{signal.Signals(kill).name}.yaml",
-                                  tmp_path / f"{signal.Signals(kill).name}.log") for kill in kills}
+    workers = {
+        kill: start_worker(
+            tmp_path / f"{signal.Signals(kill).name}.yaml", tmp_path / f"{signal.Signals(kill).name}.log"
+        )
+        for kill in kills
+    }
     run_dirs = {kill: Path(c.out_dir) / c.name for kill, c in stopped.items()}
     try:
         waiting = set(kills)
@@ -128,14 +134,20 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path, experiment, config_f
 
 def test_kill_9_then_resume_matches_for_a_mastery_run(tmp_path):
     from tests.test_mastery import tiny, write_scenes
+
     scenes = write_scenes(tmp_path / "scenes.h5", 400)
     overrides = [o for o in tiny(scenes, tmp_path) if not o.startswith(("out_dir=", "quiet="))]
-    assert_kill_and_resume_matches(tmp_path, "mastery", str(CONFIGS / "mastery" / "quick.yaml"),
-                                   [*overrides, "train.criterion=0.99", "train.max_epochs_per_episode=3"])
+    assert_kill_and_resume_matches(
+        tmp_path,
+        "mastery",
+        str(CONFIGS / "mastery" / "quick.yaml"),
+        [*overrides, "train.criterion=0.99", "train.max_epochs_per_episode=3"],
+    )
 
 
 def test_kill_9_then_resume_matches_for_a_meta_training_run(tmp_path):
     from PIL import Image
+
     root = tmp_path / "images"
     pixels = torch.Generator().manual_seed(0)
     for label in range(6):
@@ -143,20 +155,31 @@ def test_kill_9_then_resume_matches_for_a_meta_training_run(tmp_path):
         for index in range(6):
             image = (torch.rand(10, 10, 3, generator=pixels) * 255).to(torch.uint8).numpy()
             Image.fromarray(image).save(root / "train" / f"class{label}" / f"{index}.png")
-    overrides = [f"data_dir={root}", "data.dataset=folder", "data.split=train", "data.image_size=10",
-                 "data.val_classes=2", "model={name: convnet, in_channels: 3, num_blocks: 2, "
-                 "num_filters: 4, norm: in, image_size: 10, num_classes: 6}",
-                 "train.episodes=30", "train.num_batches=3", "train.remember_size=4",
-                 "train.inner_params=[encoder.1, fc]", "log_every=2", "checkpoint_every=3",
-                 "eval.every=10", "eval.classes=2", "eval.train_per_class=3", "eval_steps=[]",
-                 "tracking.backends=[]"]
-    assert_kill_and_resume_matches(tmp_path, "meta-train", str(CONFIGS / "meta" / "anml.yaml"),
-                                   overrides)
+    overrides = [
+        f"data_dir={root}",
+        "data.dataset=folder",
+        "data.split=train",
+        "data.image_size=10",
+        "data.val_classes=2",
+        "model={name: convnet, in_channels: 3, num_blocks: 2, "
+        "num_filters: 4, norm: in, image_size: 10, num_classes: 6}",
+        "train.episodes=30",
+        "train.num_batches=3",
+        "train.remember_size=4",
+        "train.inner_params=[encoder.1, fc]",
+        "log_every=2",
+        "checkpoint_every=3",
+        "eval.every=10",
+        "eval.classes=2",
+        "eval.train_per_class=3",
+        "eval_steps=[]",
+        "tracking.backends=[]",
+    ]
+    assert_kill_and_resume_matches(tmp_path, "meta-train", str(CONFIGS / "meta" / "anml.yaml"), overrides)
 
 
 def test_sigterm_and_sigint_checkpoint_exit_cleanly_and_resume_exactly(tmp_path):
-    assert_kill_and_resume_matches(tmp_path, TOY, None, SLOW_TOY,
-                                   kills=(signal.SIGTERM, signal.SIGINT))
+    assert_kill_and_resume_matches(tmp_path, TOY, None, SLOW_TOY, kills=(signal.SIGTERM, signal.SIGINT))
 
 
 def test_sweep_relaunch_after_kill_9_resumes(tmp_path, capsys):
@@ -164,14 +187,14 @@ def test_sweep_relaunch_after_kill_9_resumes(tmp_path, capsys):
     from its checkpoint and leaves the complete one alone."""
     config = tmp_path / "toy.yaml"
     config.write_text(f"experiment: {TOY}\ndevice: cpu\nout_dir: {tmp_path}\n")
-    args = ["sweep", str(config), *SLOW_TOY, "--grid", "walk.scale=1,2", "--workers", "2",
-            "--threads", "1"]
+    args = ["sweep", str(config), *SLOW_TOY, "--grid", "walk.scale=1,2", "--workers", "2", "--threads", "1"]
     sweep_dir = tmp_path / "toy"
     first, second = sweep_dir / "walk.scale=1", sweep_dir / "walk.scale=2"
     lock = second / ".lock"  # the run directory's writer lock names the worker's pid
     driver = ThreadPoolExecutor(1).submit(main, args)  # the launcher, in a thread of this process
-    wait_until(lambda: (second / "checkpoints" / "last.pt").exists() or driver.done(),
-               what="the second run's first checkpoint")
+    wait_until(
+        lambda: (second / "checkpoints" / "last.pt").exists() or driver.done(), what="the second run's first checkpoint"
+    )
     os.kill(json.loads(lock.read_text())["pid"], signal.SIGKILL)
     assert driver.result(timeout=120) == 1
     out = capsys.readouterr().out
@@ -183,7 +206,8 @@ def test_sweep_relaunch_after_kill_9_resumes(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "launching 1 runs" in out and "1 were already complete" in out
-    reference = load_experiment_config(None, [*SLOW_TOY, "walk.scale=2", "device=cpu",
-                                              f"out_dir={tmp_path / 'reference'}"], TOY)
+    reference = load_experiment_config(
+        None, [*SLOW_TOY, "walk.scale=2", "device=cpu", f"out_dir={tmp_path / 'reference'}"], TOY
+    )
     assert status(second)["final"] == execute(reference)[1]
     assert "resumed from" in (second / "log.txt").read_text()

@@ -4,6 +4,7 @@ CI starts the cluster with .ci/slurm_setup.sh; when it is not running and this i
 Slurm installed, the fixture starts it. The tests skip, saying why, only when Slurm cannot be
 installed, started or reached.
 """
+
 import json
 import os
 import shutil
@@ -29,8 +30,7 @@ def _problem() -> str | None:
     if not shutil.which("sinfo"):
         return "Slurm is not installed (no sinfo); .ci/slurm_setup.sh installs and starts it"
     try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True,
-                             timeout=30)
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
         return "sinfo timed out: slurmctld does not answer"
     states = out.stdout.split()
@@ -52,15 +52,30 @@ def slurm():
 
 
 def reference(tmp_path, *overrides):
-    config = load_experiment_config(None, [f"out_dir={tmp_path / 'reference'}", "device=cpu",
-                                           "name=run", "tracking.console_every=1000",
-                                           *overrides], TOY)
+    config = load_experiment_config(
+        None,
+        [f"out_dir={tmp_path / 'reference'}", "device=cpu", "name=run", "tracking.console_every=1000", *overrides],
+        TOY,
+    )
     return execute(config, "overwrite")
 
 
 def test_slurm_2x3_sweep(slurm, toy_config, tmp_path, capsys):
-    args = ["sweep", str(toy_config), "--grid", "walk.scale=0.5,2", "--grid", "walk.steps=2,4,6",
-            "--launcher", "slurm", "--time-min", "5", "--cpus-per-task", "1", "--wait"]
+    args = [
+        "sweep",
+        str(toy_config),
+        "--grid",
+        "walk.scale=0.5,2",
+        "--grid",
+        "walk.steps=2,4,6",
+        "--launcher",
+        "slurm",
+        "--time-min",
+        "5",
+        "--cpus-per-task",
+        "1",
+        "--wait",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "submitted 6 runs as Slurm job array" in out
@@ -69,8 +84,7 @@ def test_slurm_2x3_sweep(slurm, toy_config, tmp_path, capsys):
     for scale in ("0.5", "2"):
         for steps in (2, 4, 6):
             run = sweep_dir / f"walk.scale={scale},walk.steps={steps}"
-            assert status(run)["final"] == reference(tmp_path, f"walk.scale={scale}",
-                                                     f"walk.steps={steps}")[1]
+            assert status(run)["final"] == reference(tmp_path, f"walk.scale={scale}", f"walk.steps={steps}")[1]
             env = json.loads((run / "env.json").read_text())
             assert env["cpu_threads"] == 1  # cpus_per_task sets each run's threads
     jobs = json.loads((sweep_dir / ".launch" / "slurm" / "jobs.json").read_text())
@@ -84,8 +98,9 @@ def test_slurm_preemption_and_requeue_resume_exactly(slurm, toy_config, tmp_path
     checkpoints and requeues), then requeue it as an admin or preemption would (SIGTERM). Both
     times the run checkpoints, and the finished run equals an uninterrupted one."""
     overrides = ["walk.steps=100", "walk.step_seconds=0.02", "walk.checkpoint_every=5"]
-    sweep = expand(sweep_spec(toy_config, overrides, seeds="0", name="requeue",
-                              launcher="slurm", slurm={"time_min": 10}))
+    sweep = expand(
+        sweep_spec(toy_config, overrides, seeds="0", name="requeue", launcher="slurm", slurm={"time_min": 10})
+    )
     [job] = launch(sweep, wait=False)
     run = sweep.runs[0]
     checkpoint, log = run.path / "checkpoints" / "last.pt", run.path / "log.txt"

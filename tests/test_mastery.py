@@ -1,5 +1,6 @@
 """Sequential-mastery benchmark: models, orders, epoch composition, criterion logic, every
 condition from its config, resume, held-out split and the report, on tiny synthetic scenes."""
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,7 @@ from metacl.core.run import Run
 from metacl.mastery import data as scene_data
 from metacl.mastery import experiment as mastery
 from metacl.mastery.epochs import allocate, draw_epoch, episode_counts, minority_fraction
-from metacl.mastery.orders import (carryover_counts, heterogeneous_order, legacy_order,
-                                   legacy_square, williams_order)
+from metacl.mastery.orders import carryover_counts, heterogeneous_order, legacy_order, legacy_square, williams_order
 from metacl.mastery.report import fit_power_law, geomean
 from metacl.models import build_model
 
@@ -43,7 +43,7 @@ def write_scenes(path: Path, n: int, height: int = 16, width: int = 16, seed: in
     for feature in range(30):
         channel, cell = divmod(feature, 10)
         r, c = divmod(cell, 4)
-        X[y[:, feature] == 1, r * 4:r * 4 + 4, c * 4:c * 4 + 4, channel] = 220
+        X[y[:, feature] == 1, r * 4 : r * 4 + 4, c * 4 : c * 4 + 4, channel] = 220
     with h5py.File(path, "w") as f:
         f["X"], f["D"], f["y"] = X, D, y
         f["Q"] = np.broadcast_to(np.eye(30, dtype=np.uint8), (n, 30, 30))
@@ -67,18 +67,31 @@ def scenes(tmp_path_factory) -> Path:
 
 def tiny(scenes: Path, out: Path, *extra: str) -> list[str]:
     """Overrides that shrink any mastery config to a few seconds on the synthetic scenes."""
-    return [f"data.path={scenes}", f"out_dir={out}", "device=cpu", "quiet=true",
-            "model.channels=[4, 8]", "model.hidden=[64, 64]", "tasks.num_tasks=3",
-            "train.lr=0.01", "train.batch_size=60", "train.eval_batch_size=100",
-            "train.max_epochs_per_episode=6", "tracking.console_every=1000", *extra]
+    return [
+        f"data.path={scenes}",
+        f"out_dir={out}",
+        "device=cpu",
+        "quiet=true",
+        "model.channels=[4, 8]",
+        "model.hidden=[64, 64]",
+        "tasks.num_tasks=3",
+        "train.lr=0.01",
+        "train.batch_size=60",
+        "train.eval_batch_size=100",
+        "train.max_epochs_per_episode=6",
+        "tracking.console_every=1000",
+        *extra,
+    ]
 
 
 def run_config(path: Path | None, overrides: list[str], mode: str = "new"):
     config = load_experiment_config(path, overrides, "mastery")
     run_dir, final = execute(config, mode)
-    tables = {name: pd.read_parquet(run_dir / f"{name}.parquet")
-              for name in ("epochs", "criterion", "forgetting")
-              if (run_dir / f"{name}.parquet").exists()}
+    tables = {
+        name: pd.read_parquet(run_dir / f"{name}.parquet")
+        for name in ("epochs", "criterion", "forgetting")
+        if (run_dir / f"{name}.parquet").exists()
+    }
     return run_dir, final, tables
 
 
@@ -93,10 +106,15 @@ def test_cnn_mlp_has_the_papers_shape():
     assert not model.query_dependent_features
 
 
-@pytest.mark.parametrize("spec", [{"name": "query-modulated", "levels": [1, 2]},
-                                  {"name": "task-conditional", "conditioning": "multiplicative"},
-                                  {"name": "task-conditional", "conditioning": "additive"},
-                                  {"name": "task-conditional", "conditioning": "both"}])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"name": "query-modulated", "levels": [1, 2]},
+        {"name": "task-conditional", "conditioning": "multiplicative"},
+        {"name": "task-conditional", "conditioning": "additive"},
+        {"name": "task-conditional", "conditioning": "both"},
+    ],
+)
 def test_conditioned_models_make_conv_features_depend_on_the_query(spec):
     model = build_model({**spec, "channels": [4, 8], "hidden": [16], "image_size": [16, 16]}).eval()
     x = torch.randn(2, 3, 16, 16)
@@ -104,16 +122,13 @@ def test_conditioned_models_make_conv_features_depend_on_the_query(spec):
     b = model.conv_features(x, torch.eye(30)[[5, 5]])
     assert model(x, torch.eye(30)[:2]).shape == (2, 2)
     assert model.query_dependent_features and not torch.allclose(a, b)
-    plain = build_model({"name": "cnn-mlp", "channels": [4, 8], "hidden": [16],
-                         "image_size": [16, 16]}).eval()
-    assert torch.equal(plain.conv_features(x, torch.eye(30)[[0, 0]]),
-                       plain.conv_features(x, torch.eye(30)[[5, 5]]))
+    plain = build_model({"name": "cnn-mlp", "channels": [4, 8], "hidden": [16], "image_size": [16, 16]}).eval()
+    assert torch.equal(plain.conv_features(x, torch.eye(30)[[0, 0]]), plain.conv_features(x, torch.eye(30)[[5, 5]]))
 
 
 def test_bad_model_options_are_config_errors(scenes, tmp_path):
     with pytest.raises(ConfigError, match="levels"):
-        run_config(CONFIGS / "quick" / "query-modulated.yaml",
-                   tiny(scenes, tmp_path, "model.levels=[5]"))
+        run_config(CONFIGS / "quick" / "query-modulated.yaml", tiny(scenes, tmp_path, "model.levels=[5]"))
 
 
 # ---------------------------------------------------------------------------------- orders
@@ -127,9 +142,9 @@ def test_williams_orders_balance_carryover(square_seed):
     rows = [williams_order(1, index, square_seed) for index in range(10)]
     assert all(sorted(row) == list(range(10, 20)) for row in rows)
     columns = [sorted(column) for column in zip(*rows)]
-    assert all(column == list(range(10, 20)) for column in columns)   # a Latin square
+    assert all(column == list(range(10, 20)) for column in columns)  # a Latin square
     counts = carryover_counts(rows)
-    assert len(counts) == 90 and set(counts.values()) == {1}          # every pair once
+    assert len(counts) == 90 and set(counts.values()) == {1}  # every pair once
 
 
 def test_legacy_column_shuffle_breaks_the_balance():
@@ -143,9 +158,8 @@ def test_heterogeneous_orders_cycle_dimensions():
         assert len(set(order)) == 10
         assert dimensions[3:] == dimensions[:7] and sorted(dimensions[:3]) == [0, 1, 2]
     assert len({tuple(t // 10 for t in order[:3]) for order in orders}) == 6
-    repeats = np.mean([len(set(heterogeneous_order(10, s, with_replacement=True))) < 10
-                       for s in range(300)])
-    assert 0.6 < repeats < 0.88   # the reference's ~7 in 10 (exactly 0.74 in expectation)
+    repeats = np.mean([len(set(heterogeneous_order(10, s, with_replacement=True))) < 10 for s in range(300)])
+    assert 0.6 < repeats < 0.88  # the reference's ~7 in 10 (exactly 0.74 in expectation)
 
 
 # ---------------------------------------------------------------------------------- epochs
@@ -154,9 +168,9 @@ def test_epoch_counts_total_exactly(curriculum):
     for episode in range(1, 11):
         counts = episode_counts(45_000, episode - 1, episode, 0.5, curriculum, 1.5, 2.0)
         assert len(counts) == episode
-        if curriculum == "power":       # the whole epoch, shared by every task
+        if curriculum == "power":  # the whole epoch, shared by every task
             assert sum(counts) == 45_000
-        else:                           # the new task keeps 22,500, episode 1 included
+        else:  # the new task keeps 22,500, episode 1 included
             assert counts[0] == 22_500 and sum(counts) == (22_500 if episode == 1 else 45_000)
     ratio = episode_counts(45_000, 4, 5, 0.5, "ratio", 1.5, 0)[1:]
     assert ratio == sorted(ratio) and abs(ratio[1] / ratio[0] - 1.5) < 1e-3
@@ -168,12 +182,12 @@ def test_epoch_counts_total_exactly(curriculum):
 
 def test_draw_epoch_counts_disjoint_and_balanced():
     rng = np.random.default_rng(0)
-    labels = torch.from_numpy(rng.random((900, 30)) < 0.22)   # rare features force redraws
+    labels = torch.from_numpy(rng.random((900, 30)) < 0.22)  # rare features force redraws
     generator = torch.Generator().manual_seed(0)
     tasks, counts = [3, 7, 1, 9], [450, 150, 150, 150]
     for _ in range(5):
         images, task_ids = draw_epoch(labels, tasks, counts, generator, min_minority=0.2)
-        assert images.unique().numel() == images.numel() == 900        # disjoint, every image
+        assert images.unique().numel() == images.numel() == 900  # disjoint, every image
         for task, count in zip(tasks, counts):
             mine = images[task_ids == task]
             assert mine.numel() == count
@@ -200,6 +214,7 @@ def test_normalisation_uses_training_images_only():
 # driven by scripted test accuracies (exact on any CPU), and real runs are checked only for
 # invariants that hold whatever epoch a task happens to pass in.
 
+
 def scripted_evaluate(script: list[list[float]]):
     """An `evaluate` that returns the next scripted accuracy list (one entry per task) per call."""
     calls = iter(script)
@@ -208,51 +223,62 @@ def scripted_evaluate(script: list[list[float]]):
         acc = next(calls)
         assert len(acc) == len(tasks), (acc, tasks)
         return {"acc": list(acc), "loss": [1.0 - a for a in acc]}
+
     return evaluate
 
 
 def test_episode_logic_follows_scripted_test_accuracies(scenes, tmp_path, monkeypatch):
     """Criterion 0.75: an episode ends at the first epoch where every seen task passes; each
     task's epochs to criterion is its first passing epoch even when it later drops again."""
-    monkeypatch.setattr(mastery, "evaluate", scripted_evaluate([
-        [0.5], [0.8],                                   # episode 1 (a): passes at epoch 2
-        [0.6, 0.9], [0.7, 0.6], [0.8, 0.9],             # episode 2 (b, a): b at 3, a first at 1
-        [0.9, 0.9, 0.9]]))                              # episode 3 (c, a, b): all at epoch 1
-    _, final, tables = run_config(None, tiny(scenes, tmp_path, "train.criterion=0.75",
-                                             "train.max_epochs_per_episode=20"))
+    monkeypatch.setattr(
+        mastery,
+        "evaluate",
+        scripted_evaluate(
+            [
+                [0.5],
+                [0.8],  # episode 1 (a): passes at epoch 2
+                [0.6, 0.9],
+                [0.7, 0.6],
+                [0.8, 0.9],  # episode 2 (b, a): b at 3, a first at 1
+                [0.9, 0.9, 0.9],
+            ]
+        ),
+    )  # episode 3 (c, a, b): all at epoch 1
+    _, final, tables = run_config(
+        None, tiny(scenes, tmp_path, "train.criterion=0.75", "train.max_epochs_per_episode=20")
+    )
     epochs, criterion = tables["epochs"], tables["criterion"]
     assert final["episodes"] == 3 and final["epochs"] == 6 and final["all_reached"]
     assert epochs.groupby("episode")["epoch_in_episode"].max().tolist() == [2, 3, 1]
     assert criterion["epochs_to_criterion"].tolist() == [2, 3, 1, 1, 1, 1]
     assert criterion["trials_per_epoch"].tolist() == [180, 180, 180, 180, 90, 90]
-    assert (criterion["trials_to_criterion"]
-            == criterion["epochs_to_criterion"] * criterion["trials_per_epoch"]).all()
+    assert (criterion["trials_to_criterion"] == criterion["epochs_to_criterion"] * criterion["trials_per_epoch"]).all()
     assert criterion["times_trained"].tolist() == [1, 1, 2, 1, 3, 2]
     per_epoch = epochs.groupby("epoch")["trials"].sum()
-    assert per_epoch.tolist() == [180, 180, 360, 360, 360, 360]   # episode 1: the new task's half
+    assert per_epoch.tolist() == [180, 180, 360, 360, 360, 360]  # episode 1: the new task's half
     assert epochs["cumulative_trials"].max() == per_epoch.sum()
     assert final["new_task_trials"] == [360, 540, 180]
 
 
-def test_epoch_cap_and_new_task_criterion_follow_scripted_accuracies(scenes, tmp_path,
-                                                                     monkeypatch):
-    monkeypatch.setattr(mastery, "evaluate", scripted_evaluate(
-        [[0.5], [0.6], [0.5, 0.9], [0.6, 0.5], [0.9, 0.9, 0.1], [0.9, 0.6, 0.2]]))
-    _, final, tables = run_config(None, tiny(scenes, tmp_path, "train.criterion=0.75",
-                                             "train.max_epochs_per_episode=2"))
+def test_epoch_cap_and_new_task_criterion_follow_scripted_accuracies(scenes, tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        mastery, "evaluate", scripted_evaluate([[0.5], [0.6], [0.5, 0.9], [0.6, 0.5], [0.9, 0.9, 0.1], [0.9, 0.6, 0.2]])
+    )
+    _, final, tables = run_config(
+        None, tiny(scenes, tmp_path, "train.criterion=0.75", "train.max_epochs_per_episode=2")
+    )
     criterion = tables["criterion"]
     assert final["episodes"] == 3 and not final["all_reached"]
     assert criterion["episode_epochs"].tolist() == [2] * 6
     assert not criterion["episode_passed"].any()
     assert criterion["reached"].tolist() == [False, False, True, True, True, False]
-    assert criterion["trials_to_criterion"].isna().tolist() == [True, True, False,
-                                                                False, False, True]
+    assert criterion["trials_to_criterion"].isna().tolist() == [True, True, False, False, False, True]
     # criterion_tasks=new: only the new task is judged, so episode 3 passes at its first epoch
-    monkeypatch.setattr(mastery, "evaluate", scripted_evaluate(
-        [[0.5], [0.9], [0.8, 0.1], [0.9, 0.9, 0.1]]))
-    _, final, tables = run_config(CONFIGS / "quick" / "new-task-criterion.yaml",
-                                  tiny(scenes, tmp_path / "new", "train.criterion=0.75",
-                                       "train.max_epochs_per_episode=20"))
+    monkeypatch.setattr(mastery, "evaluate", scripted_evaluate([[0.5], [0.9], [0.8, 0.1], [0.9, 0.9, 0.1]]))
+    _, final, tables = run_config(
+        CONFIGS / "quick" / "new-task-criterion.yaml",
+        tiny(scenes, tmp_path / "new", "train.criterion=0.75", "train.max_epochs_per_episode=20"),
+    )
     criterion = tables["criterion"]
     assert criterion.groupby("episode")["episode_epochs"].first().tolist() == [2, 1, 1]
     assert criterion["episode_passed"].all() and not final["all_reached"]
@@ -262,12 +288,15 @@ def test_epoch_cap_and_new_task_criterion_follow_scripted_accuracies(scenes, tmp
 def sequential_runs(scenes, tmp_path_factory) -> list[tuple[Path, dict, dict]]:
     """Two finished real sequential runs (seeds 1, 2) with a 0.75 criterion."""
     out = tmp_path_factory.mktemp("runs")
-    return [run_config(None, tiny(scenes, out, f"seed={seed}", "train.criterion=0.75",
-                                  "train.max_epochs_per_episode=20")) for seed in (1, 2)]
+    return [
+        run_config(None, tiny(scenes, out, f"seed={seed}", "train.criterion=0.75", "train.max_epochs_per_episode=20"))
+        for seed in (1, 2)
+    ]
 
 
-def assert_episodes_end_at_first_pass_or_cap(epochs: pd.DataFrame, criterion: float, cap: int,
-                                             new_only: bool = False) -> None:
+def assert_episodes_end_at_first_pass_or_cap(
+    epochs: pd.DataFrame, criterion: float, cap: int, new_only: bool = False
+) -> None:
     """Each episode ends at its first epoch where the judged tasks all pass, else at the cap."""
     for _, rows in epochs.groupby("episode"):
         judged = rows[rows["is_new"]] if new_only else rows
@@ -303,9 +332,10 @@ def test_real_runs_keep_the_criterion_invariants(sequential_runs):
 
 
 def test_real_new_task_criterion_run_keeps_the_invariants(scenes, tmp_path):
-    _, _, tables = run_config(CONFIGS / "quick" / "new-task-criterion.yaml",
-                              tiny(scenes, tmp_path, "train.criterion=0.75",
-                                   "train.max_epochs_per_episode=20"))
+    _, _, tables = run_config(
+        CONFIGS / "quick" / "new-task-criterion.yaml",
+        tiny(scenes, tmp_path, "train.criterion=0.75", "train.max_epochs_per_episode=20"),
+    )
     assert_episodes_end_at_first_pass_or_cap(tables["epochs"], 0.75, 20, new_only=True)
 
 
@@ -317,13 +347,11 @@ def test_quick_and_paper_condition_configs_agree(name):
     quick_base, paper_base = read_yaml(CONFIGS / "quick.yaml"), read_yaml(CONFIGS / "paper.yaml")
     quick, paper = read_yaml(CONFIGS / "quick" / name), read_yaml(CONFIGS / name)
     for section in ("tasks", "model", "train"):
-        quick_changes = {k: v for k, v in quick.get(section, {}).items()
-                         if quick_base.get(section, {}).get(k) != v}
-        paper_changes = {k: v for k, v in paper.get(section, {}).items()
-                         if paper_base.get(section, {}).get(k) != v}
+        quick_changes = {k: v for k, v in quick.get(section, {}).items() if quick_base.get(section, {}).get(k) != v}
+        paper_changes = {k: v for k, v in paper.get(section, {}).items() if paper_base.get(section, {}).get(k) != v}
         assert quick_changes == paper_changes, section
     assert ("forgetting" in quick) == ("forgetting" in paper)
-    load_experiment_config(CONFIGS / name)   # every paper-scale config validates
+    load_experiment_config(CONFIGS / name)  # every paper-scale config validates
 
 
 @pytest.mark.parametrize("name", QUICK_CONDITIONS)
@@ -336,10 +364,10 @@ def test_every_condition_runs_from_its_config(name, scenes, tmp_path, monkeypatc
         return original(model, optimizer, data, images, task_ids, *args, **kwargs)
 
     monkeypatch.setattr(mastery, "train_trials", spy)
-    extra = ["forgetting.after_episodes=[1, 2]", "forgetting.max_subepochs=2"] \
-        if name == "forgetting.yaml" else []
-    _, final, tables = run_config(CONFIGS / "quick" / name,
-                                  tiny(scenes, tmp_path, "train.max_epochs_per_episode=2", *extra))
+    extra = ["forgetting.after_episodes=[1, 2]", "forgetting.max_subepochs=2"] if name == "forgetting.yaml" else []
+    _, final, tables = run_config(
+        CONFIGS / "quick" / name, tiny(scenes, tmp_path, "train.max_epochs_per_episode=2", *extra)
+    )
     assert trained and all(top < num_train == 360 for top, num_train in trained)  # held out
     epochs, criterion = tables["epochs"], tables["criterion"]
     condition = read_yaml(CONFIGS / "quick" / name).get("tasks", {}).get("condition")
@@ -365,35 +393,42 @@ def test_every_condition_runs_from_its_config(name, scenes, tmp_path, monkeypatc
             assert final["order"] == [1, 3, 6]
     if name.startswith("curriculum"):
         third = criterion[criterion["episode"] == 3]
-        new_trials = 207 if name == "curriculum-power.yaml" else 180   # 360 / (1+3^-a+2^-a)
+        new_trials = 207 if name == "curriculum-power.yaml" else 180  # 360 / (1+3^-a+2^-a)
         assert third["trials_per_epoch"].sum() == 360
         assert third["trials_per_epoch"].iloc[0] == new_trials
         assert third["trials_per_epoch"].iloc[2] > third["trials_per_epoch"].iloc[1]
 
 
 def test_quick_preset_generates_real_scenes_on_first_use(tmp_path):
-    overrides = [f"data_dir={tmp_path / 'data'}", f"out_dir={tmp_path / 'runs'}", "device=cpu",
-                 "quiet=true", "data.num_images=100", "model.channels=[4, 8]", "model.hidden=[16]",
-                 "tasks.num_tasks=2", "train.batch_size=45", "train.max_epochs_per_episode=1"]
+    overrides = [
+        f"data_dir={tmp_path / 'data'}",
+        f"out_dir={tmp_path / 'runs'}",
+        "device=cpu",
+        "quiet=true",
+        "data.num_images=100",
+        "model.channels=[4, 8]",
+        "model.hidden=[16]",
+        "tasks.num_tasks=2",
+        "train.batch_size=45",
+        "train.max_epochs_per_episode=1",
+    ]
     run_dir, final, tables = run_config(CONFIGS / "quick.yaml", overrides)
     files = list((tmp_path / "data" / "scenes").glob("*.h5"))
     assert len(files) == 1 and "100-48x64" in files[0].name
     assert final["episodes"] == 2 and tables["epochs"]["trials"].sum() == 45 + 90
     stamp = files[0].stat().st_mtime_ns
     run_config(CONFIGS / "quick.yaml", overrides + ["name=again"])
-    assert files[0].stat().st_mtime_ns == stamp                        # reused, not regenerated
+    assert files[0].stat().st_mtime_ns == stamp  # reused, not regenerated
 
 
 @pytest.mark.slow
 def test_quick_preset_reaches_criterion_end_to_end(tmp_path):
-    _, final, tables = run_config(CONFIGS / "quick.yaml", [f"data_dir={tmp_path}",
-                                                           f"out_dir={tmp_path}", "quiet=true"])
+    _, final, tables = run_config(CONFIGS / "quick.yaml", [f"data_dir={tmp_path}", f"out_dir={tmp_path}", "quiet=true"])
     assert final["all_reached"] and final["episodes"] == 5
 
 
 def test_resume_after_interrupt_is_exact(scenes, tmp_path, monkeypatch):
-    overrides = tiny(scenes, tmp_path, "train.criterion=0.75", "train.max_epochs_per_episode=2",
-                     "model.dropout=true")
+    overrides = tiny(scenes, tmp_path, "train.criterion=0.75", "train.max_epochs_per_episode=2", "model.dropout=true")
     straight, final, tables = run_config(None, overrides + ["name=straight"])
 
     original, calls = Run.save_checkpoint, []
@@ -420,16 +455,31 @@ def test_resume_after_interrupt_is_exact(scenes, tmp_path, monkeypatch):
 
 def test_forgetting_from_another_runs_checkpoint(scenes, tmp_path, sequential_runs):
     source = sequential_runs[0][0]
-    _, final, tables = run_config(CONFIGS / "quick" / "forgetting.yaml",
-                                  tiny(scenes, tmp_path, "forgetting.after_episodes=[2]",
-                                       f"forgetting.source_run={source}",
-                                       "forgetting.max_subepochs=2", "name=forget"))
+    _, final, tables = run_config(
+        CONFIGS / "quick" / "forgetting.yaml",
+        tiny(
+            scenes,
+            tmp_path,
+            "forgetting.after_episodes=[2]",
+            f"forgetting.source_run={source}",
+            "forgetting.max_subepochs=2",
+            "name=forget",
+        ),
+    )
     assert "epochs" not in tables and final["forgetting_subepochs"][0] >= 1
     forgetting = tables["forgetting"]
     assert set(forgetting["times_trained"]) == {0, 1, 2}
     with pytest.raises(DataError, match="episode-2"):
-        run_config(None, tiny(scenes, tmp_path, "forgetting.after_episodes=[2]",
-                              f"forgetting.source_run={tmp_path / 'nowhere'}", "name=x"))
+        run_config(
+            None,
+            tiny(
+                scenes,
+                tmp_path,
+                "forgetting.after_episodes=[2]",
+                f"forgetting.source_run={tmp_path / 'nowhere'}",
+                "name=x",
+            ),
+        )
 
 
 def test_config_errors_name_the_problem(scenes, tmp_path):
@@ -454,14 +504,32 @@ def test_power_law_fit_recovers_a_known_slope():
 
 def test_report_writes_tables_plots_and_summary(scenes, tmp_path, capsys, sequential_runs):
     runs = [run_dir for run_dir, _, _ in sequential_runs]
-    runs.append(run_config(CONFIGS / "quick" / "forgetting.yaml",
-                           tiny(scenes, tmp_path, "forgetting.after_episodes=[2]",
-                                "forgetting.max_subepochs=2", "train.max_epochs_per_episode=2"))[0])
+    runs.append(
+        run_config(
+            CONFIGS / "quick" / "forgetting.yaml",
+            tiny(
+                scenes,
+                tmp_path,
+                "forgetting.after_episodes=[2]",
+                "forgetting.max_subepochs=2",
+                "train.max_epochs_per_episode=2",
+            ),
+        )[0]
+    )
     out = tmp_path / "report"
     assert main(["mastery", "report", *map(str, runs), "--out", str(out)]) == 0
-    for name in ("criterion.csv", "epochs.csv", "new_task_trials.csv", "relearning_trials.csv",
-                 "forgetting_curves.csv", "trials_to_criterion.png", "accuracy_curves.png",
-                 "relearning.png", "forgetting.png", "summary.md"):
+    for name in (
+        "criterion.csv",
+        "epochs.csv",
+        "new_task_trials.csv",
+        "relearning_trials.csv",
+        "forgetting_curves.csv",
+        "trials_to_criterion.png",
+        "accuracy_curves.png",
+        "relearning.png",
+        "forgetting.png",
+        "summary.md",
+    ):
         assert (out / name).stat().st_size > 0, name
     criterion = pd.read_csv(out / "criterion.csv")
     per_episode = pd.read_csv(out / "new_task_trials.csv").set_index("episode")

@@ -1,4 +1,5 @@
 """The heterogeneous-dimensions control as the reference ran it (run_control_sequential_benchmark.py)."""
+
 import math
 
 import numpy as np

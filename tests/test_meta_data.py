@@ -1,5 +1,6 @@
 """Meta-learning data: Omniglot preparation (synthetic zips in the official layout, and the real
 data when present), downloads, caching, the folder dataset, class splits and augmentation."""
+
 import hashlib
 import http.server
 import io
@@ -17,9 +18,8 @@ from PIL import Image, ImageDraw
 from metacl.cli import main
 from metacl.core.errors import ConfigError, DataError
 from metacl.core.seeding import torch_generator
-from metacl.meta.data import ClassImages, load_dataset, random_resized_crop, split_classes
+from metacl.meta.data import ClassImages, load_dataset, omniglot, random_resized_crop, split_classes
 from metacl.meta.data import decode as decode_module
-from metacl.meta.data import omniglot
 from metacl.meta.data.download import download
 
 ALPHABETS = {"Tifinagh": 3, "Armenian": 2, "Bengali": 2}  # created in this (unsorted) order
@@ -63,8 +63,11 @@ def expected_names() -> list[str]:
 
 def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
     """Content hash and mtime of every file except metacl's caches."""
-    return {str(p.relative_to(folder)): (hashlib.md5(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in folder.rglob("*") if p.is_file() and p.suffix != ".pt"}
+    return {
+        str(p.relative_to(folder)): (hashlib.md5(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix != ".pt"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +121,7 @@ def test_second_load_uses_cache_and_changed_source_rebuilds(data_dir, monkeypatc
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again although a valid cache exists")
+
     monkeypatch.setattr(omniglot, "decode_images", no_decoding)
     second = load_dataset("omniglot", "background", data_dir=data_dir, quiet=True)
     assert torch.equal(first.images, second.images) and first.class_names == second.class_names
@@ -150,8 +154,10 @@ def test_extracted_folders_give_the_same_data_and_are_never_modified(tmp_path, d
 
 def test_existing_zips_are_trusted_without_md5_and_never_overwritten(data_dir):
     before = snapshot(data_dir)
-    assert hashlib.md5((data_dir / "omniglot" / "images_background.zip").read_bytes()).hexdigest() \
-        != omniglot.MD5["background"]  # not the official file, yet used as is (no download attempted)
+    assert (
+        hashlib.md5((data_dir / "omniglot" / "images_background.zip").read_bytes()).hexdigest()
+        != omniglot.MD5["background"]
+    )  # not the official file, yet used as is (no download attempted)
     for split in omniglot.SPLITS:
         load_dataset("omniglot", split, data_dir=data_dir, quiet=True)
     assert snapshot(data_dir) == before
@@ -159,18 +165,21 @@ def test_existing_zips_are_trusted_without_md5_and_never_overwritten(data_dir):
 
 def test_zips_directly_in_data_dir_and_workers_give_identical_results(synthetic, tmp_path, monkeypatch):
     monkeypatch.setenv(omniglot.URL_PREFIX_ENV, UNREACHABLE)
-    serial = load_dataset("omniglot", "background", data_dir=synthetic[0], cache_dir=tmp_path / "a",
-                          workers=1, quiet=True)
+    serial = load_dataset(
+        "omniglot", "background", data_dir=synthetic[0], cache_dir=tmp_path / "a", workers=1, quiet=True
+    )
     monkeypatch.setattr(decode_module, "CHUNK", 16)
     monkeypatch.setattr(decode_module, "PARALLEL_MIN_IMAGES", 0)
-    parallel = load_dataset("omniglot", "background", data_dir=synthetic[0], cache_dir=tmp_path / "b",
-                            workers=2, quiet=True)
+    parallel = load_dataset(
+        "omniglot", "background", data_dir=synthetic[0], cache_dir=tmp_path / "b", workers=2, quiet=True
+    )
     assert torch.equal(serial.images, parallel.images)
     assert (tmp_path / "b" / "omniglot-background-28.pt").is_file()
 
 
 class _Server(http.server.BaseHTTPRequestHandler):
     """/good/<name>: the file; /bad/<name>: wrong bytes; /partial/<name>: cut short once, then good."""
+
     files: dict[str, bytes] = {}
     hits: dict[str, int] = {}
 
@@ -208,8 +217,9 @@ def server(synthetic):
 
 
 def _md5s(synthetic):
-    return {split: hashlib.md5((synthetic[0] / f"images_{split}.zip").read_bytes()).hexdigest()
-            for split in omniglot.SPLITS}
+    return {
+        split: hashlib.md5((synthetic[0] / f"images_{split}.zip").read_bytes()).hexdigest() for split in omniglot.SPLITS
+    }
 
 
 def test_first_use_downloads_checks_md5_and_preprocesses(tmp_path, synthetic, server, monkeypatch):
@@ -263,8 +273,10 @@ def test_corrupt_or_incomplete_zips_are_data_errors(tmp_path, synthetic, monkeyp
     monkeypatch.setenv(omniglot.URL_PREFIX_ENV, UNREACHABLE)
     members = synthetic[1]["background"]
     broken = next(n for n in sorted(members) if n.endswith("_05.png"))
-    for case, keep, replace in [("corrupt", members, {broken: b"not a png"}),
-                                ("incomplete", {n: b for n, b in members.items() if n != broken}, {})]:
+    for case, keep, replace in [
+        ("corrupt", members, {broken: b"not a png"}),
+        ("incomplete", {n: b for n, b in members.items() if n != broken}, {}),
+    ]:
         folder = tmp_path / case
         folder.mkdir()
         with zipfile.ZipFile(folder / "images_background.zip", "w") as archive:
@@ -276,18 +288,18 @@ def test_corrupt_or_incomplete_zips_are_data_errors(tmp_path, synthetic, monkeyp
         assert not list(folder.rglob("*.pt"))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(name="mnist", split="train"), "unknown dataset 'mnist'; valid datasets: folder, omniglot"),
-    (dict(name="omniglot", split="train"),
-     "unknown Omniglot split 'train'; valid splits: background, evaluation"),
-    (dict(name="omniglot", split="evaluation", first_963=True),
-     "first_963 applies to the Omniglot background"),
-    (dict(name="omniglot", split="background", first_963=True),
-     "first_963 needs at least 963 classes.* has 7"),
-    (dict(name="omniglot", split="background", size=0), "size must be a positive number"),
-    (dict(name="folder", split="train", data_dir=None), "folder dataset needs data_dir"),
-    (dict(name="omniglot", split="background", device="tpu"), "unknown device 'tpu'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(name="mnist", split="train"), "unknown dataset 'mnist'; valid datasets: folder, omniglot"),
+        (dict(name="omniglot", split="train"), "unknown Omniglot split 'train'; valid splits: background, evaluation"),
+        (dict(name="omniglot", split="evaluation", first_963=True), "first_963 applies to the Omniglot background"),
+        (dict(name="omniglot", split="background", first_963=True), "first_963 needs at least 963 classes.* has 7"),
+        (dict(name="omniglot", split="background", size=0), "size must be a positive number"),
+        (dict(name="folder", split="train", data_dir=None), "folder dataset needs data_dir"),
+        (dict(name="omniglot", split="background", device="tpu"), "unknown device 'tpu'"),
+    ],
+)
 def test_bad_names_and_options_are_clear_errors(kwargs, message, data_dir):
     kwargs.setdefault("data_dir", data_dir)
     with pytest.raises(ConfigError, match=message):
@@ -380,8 +392,11 @@ def test_cli_prepares_omniglot(data_dir, capsys):
     out = capsys.readouterr().out
     assert "background  28px: 7 classes x 20 drawings" in out and "evaluation  84px" in out
     assert sorted(p.name for p in (data_dir / "omniglot").glob("*.pt")) == [
-        "omniglot-background-28.pt", "omniglot-background-84.pt",
-        "omniglot-evaluation-28.pt", "omniglot-evaluation-84.pt"]
+        "omniglot-background-28.pt",
+        "omniglot-background-84.pt",
+        "omniglot-evaluation-28.pt",
+        "omniglot-evaluation-84.pt",
+    ]
 
 
 @pytest.mark.parametrize("argv", [["--size", "x"], ["--split", "train"], ["--bogus"]])
@@ -399,8 +414,10 @@ def test_cli_bad_size_and_missing_data_exit_2(tmp_path, monkeypatch, capsys):
     assert "error: could not download" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("split, count, first", [("background", 964, "Alphabet_of_the_Magi/character01"),
-                                                  ("evaluation", 659, "Angelic/character01")])
+@pytest.mark.parametrize(
+    "split, count, first",
+    [("background", 964, "Alphabet_of_the_Magi/character01"), ("evaluation", 659, "Angelic/character01")],
+)
 def test_real_omniglot_layout(omniglot_dir, split, count, first):
     names, files, per_class = omniglot.list_drawings(omniglot_dir / f"images_{split}.zip")
     assert (len(names), per_class, len(files.names)) == (count, 20, count * 20)
@@ -409,7 +426,7 @@ def test_real_omniglot_layout(omniglot_dir, split, count, first):
 
 def test_real_omniglot_drawings_decode_to_white_background(omniglot_dir):
     names, files, per_class = omniglot.list_drawings(omniglot_dir / "images_evaluation.zip")
-    some = decode_module.ImageFiles(files.names[:3 * per_class], files.archive)
+    some = decode_module.ImageFiles(files.names[: 3 * per_class], files.archive)
     pixels = decode_module.decode_images(some, 28, "L", workers=1, quiet=True)
     assert pixels.shape == (60, 1, 28, 28) and pixels.min() == 0 and pixels.max() == 255
     assert 0.85 < pixels.mean() / 255 < 0.97  # mostly white background (1), dark strokes (0)

@@ -37,6 +37,7 @@ they are compared with an absolute tolerance of 1e-10 times the norm of the whol
 The default (CI) variants use reduced widths and small images; `slow` ones use the paper's
 sizes (20 single-image inner steps, 64 remember images, full channels, 1000 output rows).
 """
+
 from __future__ import annotations
 
 import copy
@@ -76,8 +77,7 @@ class Case:
 
 REDUCED_ANML = {"rln_channels": 8, "nm_channels": 8, "num_classes": 12, "image_size": 22}
 REDUCED_SANML = {"rln_channels": 8, "num_classes": 12, "image_size": 22}
-REDUCED_OML = {"channels": 8, "hidden": 32, "num_classes": 12, "image_size": 28,
-               "strides": [2, 1, 2, 1]}
+REDUCED_OML = {"channels": 8, "hidden": 32, "num_classes": 12, "image_size": 28, "strides": [2, 1, 2, 1]}
 
 # reduced widths, but the configs' episodes: 20 single-image steps, a meta batch of 20 + 64 images
 FAST_CASES = {
@@ -86,15 +86,21 @@ FAST_CASES = {
     "sanml-meta": Case("sanml.yaml", REDUCED_SANML),
     "sanml-sequential": Case("sanml_sequential_episodic.yaml", REDUCED_SANML),
     # metacl's shared-mask and shared-encoder paths under the first-order algorithm
-    "anml-sequential": Case("anml.yaml", REDUCED_ANML,
-                            {"algorithm": "sequential_episodic"}),
-    "oml-sequential": Case("oml.yaml", REDUCED_OML,
-                           {"algorithm": "sequential_episodic"}),
+    "anml-sequential": Case("anml.yaml", REDUCED_ANML, {"algorithm": "sequential_episodic"}),
+    "oml-sequential": Case("oml.yaml", REDUCED_OML, {"algorithm": "sequential_episodic"}),
     # meta batch without the trajectory, 2-image steps over several classes, two passes
-    "anml-meta-remember-only": Case("anml.yaml", REDUCED_ANML,
-                                    {"num_batches": 3, "remember_size": 10, "batch_size": 2,
-                                     "sample_method": "uniform", "train_cycles": 2,
-                                     "remember_only": True}),
+    "anml-meta-remember-only": Case(
+        "anml.yaml",
+        REDUCED_ANML,
+        {
+            "num_batches": 3,
+            "remember_size": 10,
+            "batch_size": 2,
+            "sample_method": "uniform",
+            "train_cycles": 2,
+            "remember_only": True,
+        },
+    ),
 }
 PAPER_POOL = (40, 20)  # labels index the 1000 output rows; 40 classes of 20 images suffice
 SLOW_CASES = {
@@ -122,14 +128,22 @@ def resolve(case: Case) -> Setup:
     train = dataclasses.replace(config.train, **overrides)
     assert train.max_grad_norm == 0  # no clipping: .grad is the raw meta-gradient
     spec = {**config.model, **case.model}
-    return Setup(case.train.get("algorithm", config.algorithm), spec, train,
-                 spec.get("image_size", config.data.image_size))
+    return Setup(
+        case.train.get("algorithm", config.algorithm), spec, train, spec.get("image_size", config.data.image_size)
+    )
 
 
 def image_pool(setup: Setup, case: Case, seed: int = 0) -> torch.Tensor:
     classes, per_class = case.pool
-    return torch.rand(classes, per_class, 1, setup.image_size, setup.image_size,
-                      generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
+    return torch.rand(
+        classes,
+        per_class,
+        1,
+        setup.image_size,
+        setup.image_size,
+        generator=torch.Generator().manual_seed(seed),
+        dtype=DTYPE,
+    )
 
 
 def build(setup: Setup, seed: int = 0) -> nn.Module:
@@ -142,10 +156,15 @@ def draw_episode(setup: Setup, pool: torch.Tensor, sample_generator: torch.Gener
     generator = torch.Generator()
     generator.set_state(sample_generator.get_state())
     train = setup.train
-    return EpisodeSampler(pool, generator, sample_method=train.sample_method,
-                          batch_size=train.batch_size, num_batches=train.num_batches,
-                          remember_size=train.remember_size,
-                          remember_only=train.remember_only).sample()
+    return EpisodeSampler(
+        pool,
+        generator,
+        sample_method=train.sample_method,
+        batch_size=train.batch_size,
+        num_batches=train.num_batches,
+        remember_size=train.remember_size,
+        remember_only=train.remember_only,
+    ).sample()
 
 
 # -------------------------------------------------------------------------- the naive episodes
@@ -223,8 +242,9 @@ NAIVE = {"meta": naive_meta, "sequential_episodic": naive_sequential}
 # ------------------------------------------------------------------------------ metacl's side
 def metacl_algorithm(model: nn.Module, setup: Setup, pool: torch.Tensor, seed: int):
     """The registered algorithm, built as a meta-training run builds it."""
-    streams = {name: torch.Generator().manual_seed(seed + i)
-               for i, name in enumerate(("sample", "zap", "eval", "augment"))}
+    streams = {
+        name: torch.Generator().manual_seed(seed + i) for i, name in enumerate(("sample", "zap", "eval", "augment"))
+    }
     return algorithm_class(setup.algorithm)(model, pool, setup.train, streams), streams
 
 
@@ -237,10 +257,12 @@ def metacl_step(algorithm, model: nn.Module, step: int):
     adam_step = optimizer.step
 
     def capture(*args, **kwargs):
-        captured["grads"] = {names[id(p)]: p.grad.detach().clone()
-                             for group in optimizer.param_groups for p in group["params"]}
+        captured["grads"] = {
+            names[id(p)]: p.grad.detach().clone() for group in optimizer.param_groups for p in group["params"]
+        }
         captured["weights"] = {n: p.detach().clone() for n, p in model.named_parameters()}
         return adam_step(*args, **kwargs)
+
     optimizer.step = capture
     try:
         stats = algorithm.step(step)
@@ -256,8 +278,7 @@ def bias_before_instance_norm(model: nn.Module) -> set[str]:
     for prefix, module in model.named_modules():
         children = list(module.named_children())
         for (name, layer), (_, following) in zip(children, children[1:]):
-            if (isinstance(layer, nn.Conv2d) and layer.bias is not None
-                    and isinstance(following, nn.InstanceNorm2d)):
+            if isinstance(layer, nn.Conv2d) and layer.bias is not None and isinstance(following, nn.InstanceNorm2d):
                 names.add(f"{prefix}.{name}.bias" if prefix else f"{name}.bias")
     return names
 
@@ -274,8 +295,7 @@ def compare(model, setup, stats, grads, weights, naive) -> dict[str, float]:
     assert set(grads) == set(naive_grads)
     total = torch.sqrt(sum(g.pow(2).sum() for g in naive_grads.values()))
     zero_true = bias_before_instance_norm(model)
-    errors = {"meta_loss": relative(stats["meta_loss"], loss),
-              "inner_loss": relative(stats["inner_loss"], inner_loss)}
+    errors = {"meta_loss": relative(stats["meta_loss"], loss), "inner_loss": relative(stats["inner_loss"], inner_loss)}
     per_param, per_bias = {}, {}
     for name, g in grads.items():
         if name in zero_true:
@@ -288,8 +308,9 @@ def compare(model, setup, stats, grads, weights, naive) -> dict[str, float]:
             per_param[name] = relative(g, naive_grads[name])
     errors["grad"] = max(per_param.values())
     errors["grad_in_bias_abs"] = max(per_bias.values(), default=0.0)
-    errors["grad_total"] = relative(torch.cat([g.flatten() for g in grads.values()]),
-                                    torch.cat([naive_grads[n].flatten() for n in grads]))
+    errors["grad_total"] = relative(
+        torch.cat([g.flatten() for g in grads.values()]), torch.cat([naive_grads[n].flatten() for n in grads])
+    )
     # the weights Adam steps from: the zapped pre-episode weights (meta, bit-identical) or the
     # weights SGD reached (sequential_episodic: relative to how far SGD moved them)
     inner = set(naive_names(model, setup.train.inner_params))
@@ -301,12 +322,10 @@ def compare(model, setup, stats, grads, weights, naive) -> dict[str, float]:
         start = {n: p.detach() for n, p in model.named_parameters()}
         displacement = torch.sqrt(sum((naive_weights[n] - start[n]).pow(2).sum() for n in inner))
         for name in inner:
-            scale = (displacement if name in zero_true
-                     else (naive_weights[name] - start[name]).norm())
+            scale = displacement if name in zero_true else (naive_weights[name] - start[name]).norm()
             moved[name] = relative(weights[name], naive_weights[name], scale)
         errors["reached_weights"] = max(moved.values())
-    bad = {k: v for k, v in {**errors, **per_param, **per_bias, **moved}.items()
-           if not v <= TOLERANCE}
+    bad = {k: v for k, v in {**errors, **per_param, **per_bias, **moved}.items() if not v <= TOLERANCE}
     assert not bad, f"metacl and the naive episode disagree: {bad}"
     return errors
 
@@ -330,13 +349,11 @@ def run_episodes(case: Case, episodes: int, seed: int = 0, naive=None) -> list[d
         if setup.train.zap:
             naive_zap(naive_model, episode, naive_generator)
         naive_episode = naive or NAIVE[setup.algorithm]
-        reference = naive_episode(naive_model, inner, outer, episode, setup.train.inner_lr,
-                                  setup.train.train_cycles)
+        reference = naive_episode(naive_model, inner, outer, episode, setup.train.inner_lr, setup.train.train_cycles)
         stats, grads, weights = metacl_step(algorithm, model, step)
         errors = compare(naive_model, setup, stats, grads, weights, reference)
         results.append(errors)
-        print(f"{case.config} {setup.algorithm} episode {step}:",
-              ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+        print(f"{case.config} {setup.algorithm} episode {step}:", ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     return results
 
 
@@ -357,8 +374,10 @@ def test_consecutive_episodes_match_with_the_naive_side_reset_to_metacl(name):
 @pytest.mark.parametrize("name", ["anml-meta", "sanml-sequential"])
 def test_the_comparison_catches_a_slightly_wrong_episode(name):
     """An inner learning rate off by one part in a million on the naive side fails the test."""
+
     def off_by_1e_6(model, inner, outer, episode, lr, cycles):
         return NAIVE[algorithm](model, inner, outer, episode, lr * (1 + 1e-6), cycles)
+
     algorithm = resolve(FAST_CASES[name]).algorithm
     with pytest.raises(AssertionError, match="disagree"):
         run_episodes(FAST_CASES[name], 1, naive=off_by_1e_6)
@@ -389,4 +408,5 @@ def test_anml_meta_gradient_matches_higher():
             grads = torch.autograd.grad(loss, [params[n] for n in outer])
         start = {n: p.detach().clone() for n, p in params.items()}
         return loss.item(), sum(inner_losses) / len(inner_losses), dict(zip(outer, grads)), start
+
     run_episodes(FAST_CASES["anml-meta"], 1, naive=higher_meta)

@@ -1,4 +1,5 @@
 """The sequential meta-test: protocol order, batched == one-by-one sweeps, lstsq, honest selection, schema, CLI."""
+
 from __future__ import annotations
 
 import os
@@ -21,11 +22,17 @@ from metacl.meta.eval.checkpoints import load_eval_model
 from metacl.meta.eval.protocol import ProtocolConfig, class_counts, draw_tasks, eval_points
 from metacl.meta.eval.reinit import lstsq_fit
 from metacl.meta.eval.report import trajectory_accuracy, write_report
-from metacl.meta.eval.results import (describe, final_accuracy, read_results, result_frame, select_learning_rates,
-                                      validation_choice)
+from metacl.meta.eval.results import (
+    describe,
+    final_accuracy,
+    read_results,
+    result_frame,
+    select_learning_rates,
+    validation_choice,
+)
 from metacl.meta.eval.sweep import LRSweep
 from metacl.meta.eval.trajectories import Trajectories
-from metacl.models import register_model, save_model, build_model
+from metacl.models import build_model, register_model, save_model
 from tests.meta_eval_reference import reference_trajectory
 
 
@@ -112,19 +119,21 @@ def test_one_adam_step_per_image_in_class_order(monkeypatch):
         assert torch.equal(targets[trajectory], tasks.class_ids[trajectory // 2].repeat_interleave(15))
 
 
-@pytest.mark.parametrize("hidden, opt_params, reinit_params, reinit_method, path, atol", [
-    (0, ["fc"], ["fc"], "kaiming", "linear", 2e-6),           # ANML protocol (olft)
-    (0, ["fc"], ["fc"], "lstsq", "linear", 2e-6),             # least-squares start, then Adam
-    (16, ["fc."], ["fc."], "kaiming", "linear", 2e-6),        # OML head, last layer only
-    (16, ["fc1", "fc."], ["fc1", "fc."], "kaiming", "vmap", 2e-6),  # OML 2-layer head
-    # unfrozen: batched convolution gradients sum in another order, and Adam's division by
-    # sqrt(v) turns float32 rounding of near-zero gradient entries into ~1e-5 weight differences
-    (0, ["all"], ["fc"], "kaiming", "vmap", 2e-5),
-])
+@pytest.mark.parametrize(
+    "hidden, opt_params, reinit_params, reinit_method, path, atol",
+    [
+        (0, ["fc"], ["fc"], "kaiming", "linear", 2e-6),  # ANML protocol (olft)
+        (0, ["fc"], ["fc"], "lstsq", "linear", 2e-6),  # least-squares start, then Adam
+        (16, ["fc."], ["fc."], "kaiming", "linear", 2e-6),  # OML head, last layer only
+        (16, ["fc1", "fc."], ["fc1", "fc."], "kaiming", "vmap", 2e-6),  # OML 2-layer head
+        # unfrozen: batched convolution gradients sum in another order, and Adam's division by
+        # sqrt(v) turns float32 rounding of near-zero gradient entries into ~1e-5 weight differences
+        (0, ["all"], ["fc"], "kaiming", "vmap", 2e-5),
+    ],
+)
 def test_batched_sweep_equals_one_by_one_torch_adam(hidden, opt_params, reinit_params, reinit_method, path, atol):
     model, images = Tiny(hidden=hidden), class_images()
-    config = protocol(opt_params=opt_params, reinit_params=reinit_params, reinit_method=reinit_method,
-                      eval_freq=1)
+    config = protocol(opt_params=opt_params, reinit_params=reinit_params, reinit_method=reinit_method, eval_freq=1)
     sweep = LRSweep(model, images, config, seed=3)
     result = sweep.run(4, return_weights=True)
     assert sweep.engine_name == path
@@ -150,8 +159,9 @@ def test_trajectory_groups_give_the_all_at_once_result(eval_method):
     images, model = class_images(), Tiny()
     results = []
     for group in (0, 4, 1):  # all 6 at once; 4 + 2 (an uneven last group); one by one
-        config = protocol(lrs=[0.05, 0.005, 0.0005], eval_freq=2, trajectory_group=group, eval_method=eval_method,
-                          batch_size=8)
+        config = protocol(
+            lrs=[0.05, 0.005, 0.0005], eval_freq=2, trajectory_group=group, eval_method=eval_method, batch_size=8
+        )
         result = LRSweep(model, images, config, seed=2).run(5, return_weights=True)
         results.append((result, result.weights))
     (together, weights), (grouped, grouped_weights), (single, single_weights) = results
@@ -189,7 +199,8 @@ def test_compiled_linear_step_matches_eager():
     results = []
     for compile_step in (False, True):
         result = LRSweep(model, images, protocol(compile=compile_step, lrs=[0.05, 0.001]), seed=1).run(
-            4, return_weights=True)
+            4, return_weights=True
+        )
         results.append((result, result.weights))
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=2e-6)
     assert_accuracies_agree(results[1][0].test_acc, results[0][0].test_acc)
@@ -203,8 +214,9 @@ def test_seen_and_unseen_classes_are_reported_apart():
     first = per_run[per_run["classes_trained"] == 1]
     rows = frame[frame["classes_trained"] == 1]
     for run, group in rows.groupby("run"):
-        assert first.loc[first["run"] == run, "seen_train_acc"].item() == \
-            pytest.approx(group.loc[group["class_id"] == 0, "train_acc"].item())
+        assert first.loc[first["run"] == run, "seen_train_acc"].item() == pytest.approx(
+            group.loc[group["class_id"] == 0, "train_acc"].item()
+        )
     assert (first["seen_train_acc"] == 1.0).all()  # the one class learned is remembered
     unseen = rows[rows["class_id"] >= 1]
     assert unseen["train_acc"].mean() < 0.1  # a new head does not know unseen classes
@@ -234,8 +246,9 @@ def test_lstsq_fit_solves_toy_problems():
 
 def test_zero_shot_and_iid_flavours_run_and_learn():
     images = class_images()
-    zero = LRSweep(Tiny(), images, protocol(eval_method="zero-shot", reinit_method="lstsq", init_size=60),
-                   seed=0).run(4)
+    zero = LRSweep(Tiny(), images, protocol(eval_method="zero-shot", reinit_method="lstsq", init_size=60), seed=0).run(
+        4
+    )
     assert zero.trajectories.lr.tolist() == [0.0, 0.0] and zero.train_acc.mean() > 0.8
     iid = LRSweep(Tiny(), images, protocol(eval_method="iid", epochs=5, batch_size=8, lrs=[0.01]), seed=0).run(4)
     assert iid.classes_trained == [4] and iid.train_acc.mean() > 0.8
@@ -252,10 +265,18 @@ def write_checkpoint(tmp_path, **extra):
 
 def run_eval(tmp_path, monkeypatch, splits, name, mode="new", **changes):
     monkeypatch.setattr(eval_experiment, "load_splits", lambda config, device, setup: splits)
-    overrides = [f"checkpoint={write_checkpoint(tmp_path)}", f"out_dir={tmp_path}", f"name={name}",
-                 "protocol.classes=[3,5]", "protocol.lrs=[0.05,0.005,0.0005]", "protocol.runs=2",
-                 "protocol.compile=false", "quiet=true", "device=cpu",
-                 *[f"{k}={v}" for k, v in changes.items()]]
+    overrides = [
+        f"checkpoint={write_checkpoint(tmp_path)}",
+        f"out_dir={tmp_path}",
+        f"name={name}",
+        "protocol.classes=[3,5]",
+        "protocol.lrs=[0.05,0.005,0.0005]",
+        "protocol.runs=2",
+        "protocol.compile=false",
+        "quiet=true",
+        "device=cpu",
+        *[f"{k}={v}" for k, v in changes.items()],
+    ]
     path, final = execute(load_experiment_config(None, overrides, "meta-eval"), mode)
     return path, final, pd.read_parquet(path / "results.parquet")
 
@@ -270,6 +291,7 @@ def sweeps(monkeypatch):
         result = real(self, classes, trajectories, **options)
         calls.append((self.split, classes, result.trajectories))
         return result
+
     monkeypatch.setattr(LRSweep, "run", spy)
     return calls
 
@@ -288,8 +310,9 @@ def test_validation_selection_never_touches_test_images(tmp_path, monkeypatch):
     chosen = select_learning_rates(frame).query("selection == 'validation'")[["classes", "lr"]]
     chosen_poisoned = select_learning_rates(frame_poisoned).query("selection == 'validation'")[["classes", "lr"]]
     pd.testing.assert_frame_equal(chosen.reset_index(drop=True), chosen_poisoned.reset_index(drop=True))
-    assert {k: v for k, v in final.items() if k.startswith("validation") and k.endswith("/lr")} == \
-        {k: v for k, v in final_poisoned.items() if k.startswith("validation") and k.endswith("/lr")}
+    assert {k: v for k, v in final.items() if k.startswith("validation") and k.endswith("/lr")} == {
+        k: v for k, v in final_poisoned.items() if k.startswith("validation") and k.endswith("/lr")
+    }
     # the test split ran at the chosen LRs, whatever its images
     for rows in (frame, frame_poisoned):
         test_lrs = rows[rows["split"] == "test"].groupby("classes")["lr"].unique().map(list).to_dict()
@@ -300,11 +323,16 @@ def test_validation_selection_never_touches_test_images(tmp_path, monkeypatch):
 
 
 def test_test_split_runs_only_at_the_validation_chosen_lr_by_default(tmp_path, monkeypatch, sweeps):
-    _, final, frame = run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "chosen",
-                               **{"protocol.classes": "[3,15]"})
+    _, final, frame = run_eval(
+        tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "chosen", **{"protocol.classes": "[3,15]"}
+    )
     # validation: every LR x run (3 x 2) at 3 and 12 classes (its pool holds 12); test: the 2 runs at one LR
-    assert [(split, classes, t.count) for split, classes, t in sweeps] == \
-        [("val", 3, 6), ("val", 12, 6), ("test", 3, 2), ("test", 15, 2)]
+    assert [(split, classes, t.count) for split, classes, t in sweeps] == [
+        ("val", 3, 6),
+        ("val", 12, 6),
+        ("test", 3, 2),
+        ("test", 15, 2),
+    ]
     val_final = final_accuracy(frame[frame["split"] == "val"])
     for _, classes, trajectories in sweeps[2:]:
         lr, val_classes = validation_choice(val_final, classes)
@@ -318,13 +346,19 @@ def test_test_split_runs_only_at_the_validation_chosen_lr_by_default(tmp_path, m
 
 
 def test_test_lrs_all_reproduces_the_full_sweep_table(tmp_path, monkeypatch, sweeps):
-    _, _, chosen = run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "chosen",
-                            **{"protocol.classes": "[3,15]"})
+    _, _, chosen = run_eval(
+        tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "chosen", **{"protocol.classes": "[3,15]"}
+    )
     sweeps.clear()
-    _, final, frame = run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "all", test_lrs="all",
-                                  **{"protocol.classes": "[3,15]"})
-    assert [(split, classes, t.count) for split, classes, t in sweeps] == \
-        [("val", 3, 6), ("val", 12, 6), ("test", 3, 6), ("test", 15, 6)]
+    _, final, frame = run_eval(
+        tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "all", test_lrs="all", **{"protocol.classes": "[3,15]"}
+    )
+    assert [(split, classes, t.count) for split, classes, t in sweeps] == [
+        ("val", 3, 6),
+        ("val", 12, 6),
+        ("test", 3, 6),
+        ("test", 15, 6),
+    ]
     # every split's every-LR sweep, exactly as LRSweep gives it (what meta-eval wrote before test_lrs existed)
     config = protocol(classes=[3, 15], lrs=[0.05, 0.005, 0.0005])
     checkpoint = frame["model"].iloc[0]
@@ -332,15 +366,16 @@ def test_test_lrs_all_reproduces_the_full_sweep_table(tmp_path, monkeypatch, swe
     expected = []
     for split, images in (("val", VAL), ("test", TEST)):
         sweep = LRSweep(model, images, config, seed=0, split=split)
-        expected += [result_frame(sweep.run(classes), info, classes, split)
-                     for classes in class_counts(config, split, images.shape[0])]
+        expected += [
+            result_frame(sweep.run(classes), info, classes, split)
+            for classes in class_counts(config, split, images.shape[0])
+        ]
     pd.testing.assert_frame_equal(frame, pd.concat(expected, ignore_index=True), check_dtype=False)
     # the default's validation rows are the same, and its test rows are those of the chosen LRs
     pd.testing.assert_frame_equal(chosen[chosen["split"] == "val"], frame[frame["split"] == "val"])
     picked = frame.merge(chosen[chosen["split"] == "test"][["classes", "lr"]].drop_duplicates())
     picked = picked[picked["split"] == "test"].reset_index(drop=True)
-    assert_accuracies_agree(picked["test_acc"].to_numpy(),
-                            chosen[chosen["split"] == "test"]["test_acc"].to_numpy())
+    assert_accuracies_agree(picked["test_acc"].to_numpy(), chosen[chosen["split"] == "test"]["test_acc"].to_numpy())
     assert {"best-on-test/3/lr", "best-on-test/15/lr", "validation/15/lr"} <= set(final)
 
 
@@ -354,30 +389,36 @@ def test_a_meta_eval_stopped_after_validation_resumes_to_the_same_results(tmp_pa
         if len(calls) == 2:  # the last validation count: the run stops after it, before any test sweep
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self, *args, **options)
+
     monkeypatch.setattr(LRSweep, "run", stop_after_validation)
     with pytest.raises(RunInterrupted):
         run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "resumed", **classes)
     monkeypatch.setattr(LRSweep, "run", real)
-    _, resumed, resumed_frame = run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "resumed", "resume",
-                                         **classes)
+    _, resumed, resumed_frame = run_eval(
+        tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "resumed", "resume", **classes
+    )
     assert calls == ["val", "val"]
     pd.testing.assert_frame_equal(resumed_frame, frame)  # the test split at the LRs chosen before the stop
     assert resumed == straight
 
 
 def test_report_prints_the_final_table_and_labels_best_on_test(tmp_path, monkeypatch):
-    chosen, _, _ = run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "chosen",
-                            **{"protocol.classes": "[3,15]"})
-    every, _, _ = run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "all", test_lrs="all",
-                           **{"protocol.classes": "[3,15]"})
+    chosen, _, _ = run_eval(
+        tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "chosen", **{"protocol.classes": "[3,15]"}
+    )
+    every, _, _ = run_eval(
+        tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "all", test_lrs="all", **{"protocol.classes": "[3,15]"}
+    )
     printed = []
     files = write_report([chosen], tmp_path / "chosen-report", echo=printed.append)
     text = files["markdown"].read_text()
     assert printed and printed[0] in text  # the final table, printed and in summary.md
     assert "| classes | test acc | chosen LR | chosen on | runs | train acc |" in printed[0]
     assert "| 15 | " in printed[0] and "12 val classes †" in printed[0]
-    assert "more classes than the validation pool holds: 15 classes use the choice at the largest " \
-           "validated count (12 classes)" in printed[0]
+    assert (
+        "more classes than the validation pool holds: 15 classes use the choice at the largest "
+        "validated count (12 classes)" in printed[0]
+    )
     assert "best" not in text.lower()
     assert set(pd.read_csv(files["selection"])["selection"]) == {"validation"}
     files = write_report([every], tmp_path / "all-report", echo=None)
@@ -390,11 +431,29 @@ def test_report_prints_the_final_table_and_labels_best_on_test(tmp_path, monkeyp
 
 
 def test_results_schema_and_report(tmp_path, monkeypatch):
-    path, _, frame = run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "schema",
-                              **{"protocol.eval_freq": 2, "test_lrs": "all"})
-    expected = ["model", "dataset", "train_examples", "test_examples", "eval_method", "reinit_method",
-                "reinit_params", "opt_params", "split", "classes", "lr", "run", "classes_trained", "class_id",
-                "train_acc", "test_acc", "train_acc_top5", "test_acc_top5"]
+    path, _, frame = run_eval(
+        tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "schema", **{"protocol.eval_freq": 2, "test_lrs": "all"}
+    )
+    expected = [
+        "model",
+        "dataset",
+        "train_examples",
+        "test_examples",
+        "eval_method",
+        "reinit_method",
+        "reinit_params",
+        "opt_params",
+        "split",
+        "classes",
+        "lr",
+        "run",
+        "classes_trained",
+        "class_id",
+        "train_acc",
+        "test_acc",
+        "train_acc_top5",
+        "test_acc_top5",
+    ]
     assert list(frame.columns) == expected
     # one row per split x class count x lr x run x eval point x class
     per_count = {3: len(eval_points(3, 2)) * 3, 5: len(eval_points(5, 2)) * 5}
@@ -419,6 +478,7 @@ def test_results_schema_and_report(tmp_path, monkeypatch):
 def datasets(monkeypatch):
     """metacl.meta.data.load_dataset replaced by synthetic classes; records what meta-eval loads and splits."""
     from metacl.meta import data
+
     calls = []
 
     def load_dataset(name, split, *, size, data_dir, device, quiet, first_963=False):
@@ -429,6 +489,7 @@ def datasets(monkeypatch):
     def split_classes(data, val_classes, seed):
         calls.append(("split", val_classes, seed))
         return real_split(data, val_classes, seed)
+
     real_split = data.split_classes
     monkeypatch.setattr(data, "load_dataset", load_dataset)
     monkeypatch.setattr(data, "split_classes", split_classes)
@@ -436,32 +497,64 @@ def datasets(monkeypatch):
 
 
 def eval_overrides(tmp_path, checkpoint, name, *extra):
-    return [f"checkpoint={checkpoint}", f"out_dir={tmp_path / 'runs'}", f"name={name}", "protocol.classes=[3]",
-            "protocol.lrs=[0.05,0.005]", "protocol.runs=1", "protocol.compile=false", "quiet=true",
-            "device=cpu", *extra]
+    return [
+        f"checkpoint={checkpoint}",
+        f"out_dir={tmp_path / 'runs'}",
+        f"name={name}",
+        "protocol.classes=[3]",
+        "protocol.lrs=[0.05,0.005]",
+        "protocol.runs=1",
+        "protocol.compile=false",
+        "quiet=true",
+        "device=cpu",
+        *extra,
+    ]
 
 
 def test_meta_eval_reads_the_validation_split_and_data_dir_from_the_checkpoint(tmp_path, datasets, capsys):
     trained_on = tmp_path / "training-data"
     trained_on.mkdir()
-    record = {"dataset": "omniglot", "split": "background", "image_size": 28, "val_classes": 6, "split_seed": 11,
-              "first_963": True, "data_dir": str(trained_on)}
+    record = {
+        "dataset": "omniglot",
+        "split": "background",
+        "image_size": 28,
+        "val_classes": 6,
+        "split_seed": 11,
+        "first_963": True,
+        "data_dir": str(trained_on),
+    }
     checkpoint = write_checkpoint(tmp_path, data=record)
     # the command, with no data_dir: the training's data folder and validation hold-out
     assert main(["meta", "eval", str(checkpoint), *eval_overrides(tmp_path, checkpoint, "a")[1:]]) == 0
-    assert datasets == [("load", "omniglot", "background", str(trained_on), True), ("split", 6, 11),
-                        ("load", "omniglot", "evaluation", str(trained_on), False)]
+    assert datasets == [
+        ("load", "omniglot", "background", str(trained_on), True),
+        ("split", 6, 11),
+        ("load", "omniglot", "evaluation", str(trained_on), False),
+    ]
     assert "run complete" in capsys.readouterr().out
     # the user's values win
     datasets.clear()
-    execute(load_experiment_config(None, eval_overrides(tmp_path, checkpoint, "b", f"data_dir={tmp_path}",
-                                                        "data.val_classes=4", "data.split_seed=3"), "meta-eval"))
-    assert datasets == [("load", "omniglot", "background", str(tmp_path), True), ("split", 4, 3),
-                        ("load", "omniglot", "evaluation", str(tmp_path), False)]
+    execute(
+        load_experiment_config(
+            None,
+            eval_overrides(
+                tmp_path, checkpoint, "b", f"data_dir={tmp_path}", "data.val_classes=4", "data.split_seed=3"
+            ),
+            "meta-eval",
+        )
+    )
+    assert datasets == [
+        ("load", "omniglot", "background", str(tmp_path), True),
+        ("split", 4, 3),
+        ("load", "omniglot", "evaluation", str(tmp_path), False),
+    ]
     # validation classes are held out of what the checkpoint was trained on, so that must match
     with pytest.raises(ConfigError, match="meta-trained on 'background'"):
-        execute(load_experiment_config(None, eval_overrides(tmp_path, checkpoint, "c", "data.val_split=evaluation"),
-                                       "meta-eval"))
+        execute(
+            load_experiment_config(
+                None, eval_overrides(tmp_path, checkpoint, "c", "data.val_split=evaluation"), "meta-eval"
+            )
+        )
     # a data folder that does not exist here (the checkpoint moved machines): the default one
     moved = write_checkpoint(tmp_path / "moved", data={**record, "data_dir": str(tmp_path / "gone")})
     datasets.clear()
@@ -474,16 +567,20 @@ def test_older_checkpoints_fall_back_to_the_training_runs_config(tmp_path, datas
     write_checkpoint(run_dir)  # no data record
     (run_dir / "config.yaml").write_text("experiment: meta-train\nseed: 5\ndata: {val_classes: 7, first_963: true}\n")
     _, final = execute(load_experiment_config(None, eval_overrides(tmp_path, run_dir, "old"), "meta-eval"))
-    assert datasets == [("load", "omniglot", "background", None, True), ("split", 7, 5),
-                        ("load", "omniglot", "evaluation", None, False)]
+    assert datasets == [
+        ("load", "omniglot", "background", None, True),
+        ("split", 7, 5),
+        ("load", "omniglot", "evaluation", None, False),
+    ]
     assert "validation/3/lr" in final
     # no validation classes at all: the chosen-LR test refuses, test_lrs=all is the reference's sweep
     bare = write_checkpoint(tmp_path / "bare")
     with pytest.raises(ConfigError, match="test_lrs=all"):
         execute(load_experiment_config(None, eval_overrides(tmp_path, bare, "bare"), "meta-eval"))
     datasets.clear()
-    _, final = execute(load_experiment_config(None, eval_overrides(tmp_path, bare, "bare", "test_lrs=all"),
-                                              "meta-eval"))
+    _, final = execute(
+        load_experiment_config(None, eval_overrides(tmp_path, bare, "bare", "test_lrs=all"), "meta-eval")
+    )
     assert datasets == [("load", "omniglot", "evaluation", None, False)] and "best-on-test/3/lr" in final
     with pytest.raises(ConfigError, match="splits has no val"):
         load_experiment_config(None, eval_overrides(tmp_path, bare, "e", "splits=[test]"), "meta-eval")
@@ -522,9 +619,19 @@ def test_real_omniglot_meta_test_and_report(tmp_path, omniglot_dir):
     """A random-init ANML on the real Omniglot evaluation classes: the full pipeline, end to end."""
     torch.manual_seed(0)
     checkpoint = save_model(build_model({"name": "anml"}), tmp_path / "anml.pt")
-    overrides = [f"checkpoint={checkpoint}", f"out_dir={tmp_path}", "name=real", f"data_dir={omniglot_dir.parent}",
-                 "protocol.classes=[5,10]", "protocol.lrs=[0.001,0.0001]", "protocol.runs=2",
-                 "protocol.eval_freq=5", "data.val_classes=20", "quiet=true", "device=cpu"]
+    overrides = [
+        f"checkpoint={checkpoint}",
+        f"out_dir={tmp_path}",
+        "name=real",
+        f"data_dir={omniglot_dir.parent}",
+        "protocol.classes=[5,10]",
+        "protocol.lrs=[0.001,0.0001]",
+        "protocol.runs=2",
+        "protocol.eval_freq=5",
+        "data.val_classes=20",
+        "quiet=true",
+        "device=cpu",
+    ]
     path, final = execute(load_experiment_config(None, overrides, "meta-eval"))
     frame = pd.read_parquet(path / "results.parquet")
     assert set(frame["split"]) == {"val", "test"}

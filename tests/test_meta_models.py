@@ -1,4 +1,5 @@
 """Meta models: shapes, parameter counts, the encode/head contract, initialisation, checkpoints."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,13 +15,16 @@ def count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ({"name": "anml"}, 3_977_416),                           # higherANML refactor: 112-d mask input
-    ({"name": "anml", "nm_pool_output": False}, 6_041_800),  # original ANML: 1008-d mask input
-    ({"name": "sanml"}, 3_489_256),
-    ({"name": "oml"}, 6_338_280),
-    ({"name": "resnet18", "in_channels": 3, "stem": "imagenet"}, 11_689_512),  # torchvision's
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ({"name": "anml"}, 3_977_416),  # higherANML refactor: 112-d mask input
+        ({"name": "anml", "nm_pool_output": False}, 6_041_800),  # original ANML: 1008-d mask input
+        ({"name": "sanml"}, 3_489_256),
+        ({"name": "oml"}, 6_338_280),
+        ({"name": "resnet18", "in_channels": 3, "stem": "imagenet"}, 11_689_512),  # torchvision's
+    ],
+)
 def test_parameter_counts(spec, expected):
     assert count(build_model(spec)) == expected
 
@@ -55,15 +59,39 @@ def test_oml_shapes_head_and_initialisation():
     assert abs(model.encoder[2].weight.std().item() - expected_std) < 0.02 * expected_std
 
 
-@pytest.mark.parametrize("spec, dim", [
-    ({"name": "sanml"}, 2304),
-    ({"name": "convnet", "num_blocks": 3, "num_filters": [8, 8, 16], "norm": "gn"}, 16 * 3 * 3),
-    ({"name": "convnet", "num_blocks": 2, "num_filters": 8, "norm": "in", "pool": [2, 0],
-      "padding": 0, "head": "mlp", "hidden": [32, 16]}, 8 * 11 * 11),
-    ({"name": "convnet", "num_blocks": 2, "num_filters": 8, "norm": None, "stride": [2, 1],
-      "pool": None, "head": "cosine"}, 8 * 14 * 14),
-    ({"name": "resnet18", "width": 8}, 64),
-])
+@pytest.mark.parametrize(
+    "spec, dim",
+    [
+        ({"name": "sanml"}, 2304),
+        ({"name": "convnet", "num_blocks": 3, "num_filters": [8, 8, 16], "norm": "gn"}, 16 * 3 * 3),
+        (
+            {
+                "name": "convnet",
+                "num_blocks": 2,
+                "num_filters": 8,
+                "norm": "in",
+                "pool": [2, 0],
+                "padding": 0,
+                "head": "mlp",
+                "hidden": [32, 16],
+            },
+            8 * 11 * 11,
+        ),
+        (
+            {
+                "name": "convnet",
+                "num_blocks": 2,
+                "num_filters": 8,
+                "norm": None,
+                "stride": [2, 1],
+                "pool": None,
+                "head": "cosine",
+            },
+            8 * 14 * 14,
+        ),
+        ({"name": "resnet18", "width": 8}, 64),
+    ],
+)
 def test_forward_is_head_of_encode(spec, dim):
     torch.manual_seed(0)
     model = build_model({**spec, "num_classes": 7}).eval()
@@ -76,8 +104,17 @@ def test_forward_is_head_of_encode(spec, dim):
 
 def test_cosine_head_is_a_scaled_cosine():
     torch.manual_seed(0)
-    model = build_model({"name": "convnet", "num_blocks": 1, "num_filters": 4, "head": "cosine",
-                         "cosine_scale": 5.0, "num_classes": 3, "image_size": 8})
+    model = build_model(
+        {
+            "name": "convnet",
+            "num_blocks": 1,
+            "num_filters": 4,
+            "head": "cosine",
+            "cosine_scale": 5.0,
+            "num_classes": 3,
+            "image_size": 8,
+        }
+    )
     logits = model(torch.rand(4, 1, 8, 8))
     assert logits.abs().max() <= 5.0 + 1e-5
     assert "fc.bias" not in dict(model.named_parameters())
@@ -116,8 +153,7 @@ def test_bad_model_options_are_config_errors():
 
 def test_checkpoint_round_trip_keeps_spec_and_outputs(tmp_path):
     torch.manual_seed(0)
-    spec = {"name": "anml", "rln_channels": 4, "nm_channels": 3, "num_classes": 5,
-            "nm_pool_output": False}
+    spec = {"name": "anml", "rln_channels": 4, "nm_channels": 3, "num_classes": 5, "nm_pool_output": False}
     model = build_model(spec)
     path = save_model(model, tmp_path / "anml.pt", step=3)
     loaded = load_model(path)

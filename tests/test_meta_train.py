@@ -1,4 +1,5 @@
 """Meta-training: episodes, zapping, second-order meta-gradients, no inner-gradient leak, resume."""
+
 from __future__ import annotations
 
 import copy
@@ -15,7 +16,6 @@ import torch.nn.functional as F
 import metacl.meta.train.experiment as meta_experiment
 from metacl.core.errors import ConfigError, RunInterrupted
 from metacl.core.experiment import execute, load_experiment_config
-from metacl.models import build_model, load_model, select_parameters
 from metacl.meta.train.algorithms import algorithm_class, available_algorithms, register_algorithm
 from metacl.meta.train.algorithms.episodic import EpisodeConfig
 from metacl.meta.train.algorithms.iid import lr_factor
@@ -23,17 +23,21 @@ from metacl.meta.train.algorithms.meta import Meta
 from metacl.meta.train.algorithms.sequential_episodic import SequentialEpisodic
 from metacl.meta.train.episodes import EpisodeSampler
 from metacl.meta.train.functional import FunctionalModel, continual_trial, meta_loss, zap_rows
+from metacl.models import build_model, load_model, select_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_ANML = {"name": "anml", "rln_channels": 4, "nm_channels": 3, "num_classes": 8,
-             "image_size": 22}  # 22 px: the smallest the 3 unpadded ANML blocks accept
-TINY_CONVNET = ("{name: convnet, num_blocks: 2, num_filters: 4, norm: in, image_size: 8, "
-                "num_classes: 8}")
+TINY_ANML = {
+    "name": "anml",
+    "rln_channels": 4,
+    "nm_channels": 3,
+    "num_classes": 8,
+    "image_size": 22,
+}  # 22 px: the smallest the 3 unpadded ANML blocks accept
+TINY_CONVNET = "{name: convnet, num_blocks: 2, num_filters: 4, norm: in, image_size: 8, num_classes: 8}"
 
 
 def pool(classes=6, per_class=10, seed=0, dtype=torch.float32, size=22):
-    return torch.rand(classes, per_class, 1, size, size,
-                      generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return torch.rand(classes, per_class, 1, size, size, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 def trainer(cls, model, inner, outer, *, zap_seed=0, **settings):
@@ -51,14 +55,12 @@ def tiny_model(spec=TINY_ANML, seed=0, dtype=torch.float32):
 # ------------------------------------------------------------------------------------ episodes
 def test_single_class_episode_layout():
     images = pool()
-    sampler = EpisodeSampler(images, torch.Generator().manual_seed(1), num_batches=5,
-                             batch_size=2, remember_size=7)
+    sampler = EpisodeSampler(images, torch.Generator().manual_seed(1), num_batches=5, batch_size=2, remember_size=7)
     episode = sampler.sample()
     assert episode.images.shape == (17, 1, 22, 22) and episode.labels.shape == (17,)
     inner = episode.labels[:10]
     assert (inner == inner[0]).all() and episode.inner_classes.tolist() == [int(inner[0])]
-    assert [(s.start, s.stop) for s in episode.inner_batches(2)] == [(0, 2), (2, 4), (4, 6), (6, 8),
-                                                                     (8, 10)] * 2
+    assert [(s.start, s.stop) for s in episode.inner_batches(2)] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)] * 2
     assert episode.meta_rows == slice(0, None)
     # every image is the pool image of its label (tensor indexing picked matching rows)
     matches = (episode.images[:, None] == images[episode.labels]).flatten(2).all(2)
@@ -68,8 +70,14 @@ def test_single_class_episode_layout():
 
 
 def test_uniform_and_remember_only_episodes():
-    sampler = EpisodeSampler(pool(), torch.Generator().manual_seed(2), sample_method="uniform",
-                             num_batches=20, remember_size=3, remember_only=True)
+    sampler = EpisodeSampler(
+        pool(),
+        torch.Generator().manual_seed(2),
+        sample_method="uniform",
+        num_batches=20,
+        remember_size=3,
+        remember_only=True,
+    )
     episode = sampler.sample()
     assert len(episode.inner_classes) > 1  # 20 random images of 6 classes
     assert episode.meta_rows == slice(20, None)
@@ -103,8 +111,7 @@ def test_zap_rows_reinitialises_only_those_rows():
 
 def test_trainer_zaps_the_episode_class_before_learning():
     model = tiny_model()
-    episode = EpisodeSampler(pool(), torch.Generator().manual_seed(0), num_batches=2,
-                             remember_size=2).sample()
+    episode = EpisodeSampler(pool(), torch.Generator().manual_seed(0), num_batches=2, remember_size=2).sample()
     before = model.fc.weight.detach().clone()
     # fc adapts in the inner loop only (not an outer parameter): what stays is the zap alone
     trainer(Meta, model, ["fc.weight", "fc.bias"], ["rln.0.0.weight"], zap_seed=5).train_episode(episode)
@@ -117,8 +124,7 @@ def test_trainer_zaps_the_episode_class_before_learning():
 
 # ----------------------------------------------------------------------- second-order gradients
 def tiny_episode(dtype=torch.float64):
-    sampler = EpisodeSampler(pool(dtype=dtype), torch.Generator().manual_seed(4), num_batches=3,
-                             remember_size=4)
+    sampler = EpisodeSampler(pool(dtype=dtype), torch.Generator().manual_seed(4), num_batches=3, remember_size=4)
     return sampler.sample()
 
 
@@ -145,8 +151,7 @@ def test_meta_gradient_is_second_order_and_matches_finite_differences():
             for value in (original + eps, original - eps, original):
                 with torch.no_grad():
                     flat[index] = value
-                losses.append(meta_loss(fmodel, params, inner, episode, lr,
-                                           create_graph=False)[0].item())
+                losses.append(meta_loss(fmodel, params, inner, episode, lr, create_graph=False)[0].item())
             numeric = (losses[0] - losses[1]) / (2 * eps)
             analytic = second[name].view(-1)[index].item()
             assert abs(numeric - analytic) <= 1e-5 * max(1.0, abs(numeric)), (name, index)
@@ -157,11 +162,15 @@ def test_meta_gradient_is_second_order_and_matches_finite_differences():
 
 def test_shared_encoder_and_mask_paths_give_identical_meta_gradients():
     episode = tiny_episode()
-    for spec, inner_prefixes, reuse in ((TINY_ANML, ["rln", "fc"], "mask"),
-                                        (TINY_ANML, ["fc"], "encode"),
-                                        ({"name": "oml", "image_size": 22, "channels": 4,
-                                          "strides": [1, 2, 1, 2], "hidden": 8,
-                                          "num_classes": 8}, ["fc1", "fc"], "encode")):
+    for spec, inner_prefixes, reuse in (
+        (TINY_ANML, ["rln", "fc"], "mask"),
+        (TINY_ANML, ["fc"], "encode"),
+        (
+            {"name": "oml", "image_size": 22, "channels": 4, "strides": [1, 2, 1, 2], "hidden": 8, "num_classes": 8},
+            ["fc1", "fc"],
+            "encode",
+        ),
+    ):
         model = tiny_model(spec, dtype=torch.float64)
         params = dict(model.named_parameters())
         inner = list(select_parameters(model, inner_prefixes))
@@ -181,10 +190,8 @@ def test_shared_encoder_and_mask_paths_give_identical_meta_gradients():
 def test_sequential_episodic_outer_step_sees_only_the_meta_gradient():
     model = tiny_model()
     reference = copy.deepcopy(model)
-    episode = EpisodeSampler(pool(), torch.Generator().manual_seed(6), num_batches=4,
-                             remember_size=4).sample()
-    trainer(SequentialEpisodic, model, ["all"], ["all"], inner_lr=0.1, outer_lr=0.01,
-            zap=False).train_episode(episode)
+    episode = EpisodeSampler(pool(), torch.Generator().manual_seed(6), num_batches=4, remember_size=4).sample()
+    trainer(SequentialEpisodic, model, ["all"], ["all"], inner_lr=0.1, outer_lr=0.01, zap=False).train_episode(episode)
 
     params = list(reference.parameters())
     inner_grad_sum = [torch.zeros_like(p) for p in params]
@@ -198,23 +205,20 @@ def test_sequential_episodic_outer_step_sees_only_the_meta_gradient():
     meta = F.cross_entropy(reference(episode.images), episode.labels)
     meta_grads = torch.autograd.grad(meta, params)
     leaked = copy.deepcopy(reference)
-    for target, grads in ((reference, meta_grads),
-                          (leaked, [m + i for m, i in zip(meta_grads, inner_grad_sum)])):
+    for target, grads in ((reference, meta_grads), (leaked, [m + i for m, i in zip(meta_grads, inner_grad_sum)])):
         for p, g in zip(target.parameters(), grads):
             p.grad = g.clone()
         optimizer = torch.optim.Adam(target.parameters(), lr=0.01)
         optimizer.step()
-    for ours, expected, bug in zip(model.parameters(), reference.parameters(), leaked.parameters()):
+    for ours, expected, _bug in zip(model.parameters(), reference.parameters(), leaked.parameters()):
         assert torch.allclose(ours, expected, atol=1e-6)
-    assert any(not torch.allclose(a, b, atol=1e-4)
-               for a, b in zip(model.parameters(), leaked.parameters()))
+    assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(model.parameters(), leaked.parameters()))
 
 
 def test_meta_step_updates_the_pre_episode_weights():
     model = tiny_model()
     reference = copy.deepcopy(model)
-    episode = EpisodeSampler(pool(), torch.Generator().manual_seed(7), num_batches=3,
-                             remember_size=4).sample()
+    episode = EpisodeSampler(pool(), torch.Generator().manual_seed(7), num_batches=3, remember_size=4).sample()
     names = list(dict(model.named_parameters()))
     trainer(Meta, model, ["all"], ["all"], inner_lr=0.1, outer_lr=0.01, zap=False).train_episode(episode)
     params = dict(reference.named_parameters())
@@ -229,12 +233,20 @@ def test_meta_step_updates_the_pre_episode_weights():
 # ------------------------------------------------------------------------- trials, schedules
 def test_continual_trial_is_sequential_sgd_then_accuracy_on_the_held_out_images():
     # float64: the two computations round differently, and a float32 near-tie could flip an argmax
-    model = build_model({"name": "convnet", "num_blocks": 2, "num_filters": 4, "norm": None,
-                         "num_classes": 8, "image_size": 8}).double()
+    model = build_model(
+        {"name": "convnet", "num_blocks": 2, "num_filters": 4, "norm": None, "num_classes": 8, "image_size": 8}
+    ).double()
     images = torch.rand(3, 6, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     names = ["fc.weight", "fc.bias"]
-    acc = continual_trial(FunctionalModel(model, names), dict(model.named_parameters()), names,
-                          images, 0.5, 4, torch.Generator().manual_seed(0))
+    acc = continual_trial(
+        FunctionalModel(model, names),
+        dict(model.named_parameters()),
+        names,
+        images,
+        0.5,
+        4,
+        torch.Generator().manual_seed(0),
+    )
 
     reference = copy.deepcopy(model)
     zap_rows(reference.fc.weight, torch.arange(8), torch.Generator().manual_seed(0))
@@ -242,7 +254,7 @@ def test_continual_trial_is_sequential_sgd_then_accuracy_on_the_held_out_images(
     for c in range(3):
         for i in range(4):
             optimizer.zero_grad()
-            F.cross_entropy(reference(images[c, i:i + 1]), torch.tensor([c])).backward()
+            F.cross_entropy(reference(images[c, i : i + 1]), torch.tensor([c])).backward()
             optimizer.step()
     predictions = reference(images[:, 4:].reshape(6, 1, 8, 8)).argmax(1)
     expected = (predictions == torch.arange(3).repeat_interleave(2)).float().mean().item()
@@ -263,32 +275,59 @@ def test_lr_schedules():
 @pytest.fixture
 def synthetic_pools(monkeypatch):
     images = pool(classes=8, per_class=10, seed=9, size=8)
-    monkeypatch.setattr(meta_experiment, "load_pools",
-                        lambda config, device: (images[:6].to(device), images[6:].to(device)))
+    monkeypatch.setattr(
+        meta_experiment, "load_pools", lambda config, device: (images[:6].to(device), images[6:].to(device))
+    )
     test_pool = pool(classes=4, per_class=10, seed=10, size=8)
     monkeypatch.setattr(meta_experiment, "load_test_pool", lambda config, device: test_pool.to(device))
 
 
 TINY_TRAIN = {
     "iid": ["train.max_steps=6", "train.batch_size=8", "train.zap_every=2", "train.zap_size=2"],
-    "episodic": ["train.episodes=6", "train.num_batches=3", "train.remember_size=4",
-                 "train.inner_params=[encoder.1, fc]"]}
+    "episodic": [
+        "train.episodes=6",
+        "train.num_batches=3",
+        "train.remember_size=4",
+        "train.inner_params=[encoder.1, fc]",
+    ],
+}
 
 
 def tiny_config(tmp_path, algorithm, name, *extra):
-    return load_experiment_config(None, [
-        f"algorithm={algorithm}", f"out_dir={tmp_path}", f"name={name}", "quiet=true",
-        "tracking.backends=[]", f"model={TINY_CONVNET}",
-        *TINY_TRAIN["iid" if algorithm == "iid" else "episodic"], "log_every=2", "checkpoint_every=2", "eval.every=3", "eval.classes=2",
-        "eval.train_per_class=3", "eval_steps=[4]", "data.val_classes=2", "meta_test.splits=[val, test]",
-        "meta_test.protocol.classes=[2, 4]", "meta_test.protocol.lrs=[0.001, 0.01]", "meta_test.protocol.runs=2",
-        "meta_test.protocol.train_examples=3", "meta_test.protocol.test_examples=2",
-        "meta_test.protocol.compile=false", *extra], "meta-train")
+    return load_experiment_config(
+        None,
+        [
+            f"algorithm={algorithm}",
+            f"out_dir={tmp_path}",
+            f"name={name}",
+            "quiet=true",
+            "tracking.backends=[]",
+            f"model={TINY_CONVNET}",
+            *TINY_TRAIN["iid" if algorithm == "iid" else "episodic"],
+            "log_every=2",
+            "checkpoint_every=2",
+            "eval.every=3",
+            "eval.classes=2",
+            "eval.train_per_class=3",
+            "eval_steps=[4]",
+            "data.val_classes=2",
+            "meta_test.splits=[val, test]",
+            "meta_test.protocol.classes=[2, 4]",
+            "meta_test.protocol.lrs=[0.001, 0.01]",
+            "meta_test.protocol.runs=2",
+            "meta_test.protocol.train_examples=3",
+            "meta_test.protocol.test_examples=2",
+            "meta_test.protocol.compile=false",
+            *extra,
+        ],
+        "meta-train",
+    )
 
 
 @pytest.mark.parametrize("algorithm", ["meta", "sequential_episodic", "iid"])
-def test_interrupted_and_resumed_run_ends_exactly_like_a_straight_run(tmp_path, synthetic_pools,
-                                                                     monkeypatch, algorithm):
+def test_interrupted_and_resumed_run_ends_exactly_like_a_straight_run(
+    tmp_path, synthetic_pools, monkeypatch, algorithm
+):
     straight_path, straight = execute(tiny_config(tmp_path, algorithm, "straight"))
 
     trainer_class = algorithm_class(algorithm)
@@ -300,6 +339,7 @@ def test_interrupted_and_resumed_run_ends_exactly_like_a_straight_run(tmp_path, 
         if calls["n"] == 3:
             os.kill(os.getpid(), signal.SIGTERM)  # the run checkpoints and stops after this step
         return real_step(self, *args)
+
     monkeypatch.setattr(trainer_class, "step", stop_after_three)
     config = tiny_config(tmp_path, algorithm, "resumed")
     with pytest.raises(RunInterrupted):
@@ -311,21 +351,25 @@ def test_interrupted_and_resumed_run_ends_exactly_like_a_straight_run(tmp_path, 
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
     drop = ["seconds_per_step"]
-    pd.testing.assert_frame_equal(pd.read_parquet(straight_path / "train.parquet").drop(columns=drop),
-                                  pd.read_parquet(resumed_path / "train.parquet").drop(columns=drop))
-    pd.testing.assert_frame_equal(pd.read_parquet(straight_path / "eval.parquet"),
-                                  pd.read_parquet(resumed_path / "eval.parquet"))
-    pd.testing.assert_frame_equal(pd.read_parquet(straight_path / "meta_test.parquet"),
-                                  pd.read_parquet(resumed_path / "meta_test.parquet"))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(straight_path / "train.parquet").drop(columns=drop),
+        pd.read_parquet(resumed_path / "train.parquet").drop(columns=drop),
+    )
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(straight_path / "eval.parquet"), pd.read_parquet(resumed_path / "eval.parquet")
+    )
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(straight_path / "meta_test.parquet"), pd.read_parquet(resumed_path / "meta_test.parquet")
+    )
     assert len(pd.read_parquet(straight_path / "train.parquet")) == 3
     assert (straight_path / "models" / "step-4.pt").exists()
     assert straight["step"] == 6 and "val_trial_acc" in straight
-    assert {k: v for k, v in straight.items() if k not in drop} == \
-        {k: v for k, v in resumed.items() if k not in drop}
+    assert {k: v for k, v in straight.items() if k not in drop} == {k: v for k, v in resumed.items() if k not in drop}
 
 
 def test_eval_steps_run_the_meta_test_protocol_and_report_reads_the_run(tmp_path, synthetic_pools):
     from metacl.meta.eval.report import write_report
+
     path, _ = execute(tiny_config(tmp_path, "meta", "mt", "eval_steps=[2, 6]"))
     results = pd.read_parquet(path / "meta_test.parquet")
     # val holds 2 classes, so its class counts cap at 2; test sweeps both counts
@@ -337,10 +381,17 @@ def test_eval_steps_run_the_meta_test_protocol_and_report_reads_the_run(tmp_path
     assert final["test_acc"].between(0, 1).all()
     # the in-training meta-test is `metacl meta eval`'s: the same numbers from the saved step model
     from metacl.meta.eval import meta_test_model
+
     config = load_experiment_config(path / "config.yaml")
     test_pool = meta_experiment.load_test_pool(config, torch.device("cpu"))
-    again = meta_test_model(load_model(path / "models" / "step-6.pt"), config.meta_test.protocol,
-                                test_pool, seed=config.seed, split="test", model_name="convnet@step-6")
+    again = meta_test_model(
+        load_model(path / "models" / "step-6.pt"),
+        config.meta_test.protocol,
+        test_pool,
+        seed=config.seed,
+        split="test",
+        model_name="convnet@step-6",
+    )
     at_6 = results[(results["step"] == 6) & (results["split"] == "test")].drop(columns="step")
     pd.testing.assert_frame_equal(at_6.reset_index(drop=True), again, check_dtype=False)
     files = write_report([path], tmp_path / "report")
@@ -364,8 +415,7 @@ def test_bad_configs_are_reported(tmp_path, synthetic_pools):
         tiny_config(tmp_path, "meta", "f", "data.val_classes=0")
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "meta").glob("*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "meta").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     config = load_experiment_config(path)
     assert config.experiment == "meta-train"
@@ -410,9 +460,19 @@ class ToySGD:
 
 def test_a_registered_algorithm_runs_resumes_and_is_described(tmp_path, synthetic_pools, capsys):
     from metacl.cli import main
+
     assert {"meta", "sequential_episodic", "iid", "toy-sgd"} <= set(available_algorithms())
-    overrides = [f"out_dir={tmp_path}", "quiet=true", "tracking.backends=[]", f"model={TINY_CONVNET}",
-                 "algorithm=toy-sgd", "train.steps=4", "train.lr=0.1", "log_every=1", "eval.every=0"]
+    overrides = [
+        f"out_dir={tmp_path}",
+        "quiet=true",
+        "tracking.backends=[]",
+        f"model={TINY_CONVNET}",
+        "algorithm=toy-sgd",
+        "train.steps=4",
+        "train.lr=0.1",
+        "log_every=1",
+        "eval.every=0",
+    ]
     path, final = execute(load_experiment_config(None, [*overrides, "name=toy"], "meta-train"))
     assert pd.read_parquet(path / "train.parquet")["step"].tolist() == [1, 2, 3, 4]
     with pytest.raises(ConfigError, match="unknown key 'train.episodes'; valid keys under 'train': steps, lr"):
@@ -425,6 +485,7 @@ def test_a_registered_algorithm_runs_resumes_and_is_described(tmp_path, syntheti
 
 
 def test_old_iid_configs_with_an_iid_section_still_load():
-    config = load_experiment_config(None, ["algorithm=iid", "iid.max_steps=7", "train.episodes=3",
-                                           "data.val_classes=0"], "meta-train")
+    config = load_experiment_config(
+        None, ["algorithm=iid", "iid.max_steps=7", "train.episodes=3", "data.val_classes=0"], "meta-train"
+    )
     assert config.train.max_steps == 7 and not hasattr(config, "iid")

@@ -1,6 +1,7 @@
 """Run directories can never be corrupted: names, --overwrite, one writer, checked resumes,
 validation before anything exists, divergence, full disks and the command line (issue: user data
 is sacred). None of these depends on float results of training."""
+
 from __future__ import annotations
 
 import errno
@@ -29,14 +30,14 @@ MASTERY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mastery" / "
 
 
 def toy(tmp_path: Path, *overrides: str):
-    return load_experiment_config(None, [f"out_dir={tmp_path}", "device=cpu", "name=walk",
-                                         "tracking.console_every=1000", *overrides], TOY)
+    return load_experiment_config(
+        None, [f"out_dir={tmp_path}", "device=cpu", "name=walk", "tracking.console_every=1000", *overrides], TOY
+    )
 
 
 def snapshot(folder: Path) -> dict[str, int]:
     """Every file under `folder` with its size, to prove a command changed nothing."""
-    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-            if p.is_file()}
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +81,11 @@ def start_toy(tmp_path: Path, *overrides: str) -> subprocess.Popen:
     config = toy(tmp_path, "walk.steps=100", "walk.step_seconds=0.05", *overrides)
     config_file = tmp_path / "walk.yaml"
     config_file.write_text(to_yaml(config))
-    return subprocess.Popen([sys.executable, "-m", "metacl.launch.worker", str(config_file)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "metacl.launch.worker", str(config_file)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def wait_until(condition, timeout_s: float = 60) -> None:
@@ -103,12 +107,12 @@ def test_a_second_writer_is_refused_and_a_dead_one_leaves_a_stale_run(tmp_path):
         for mode in ("resume", "overwrite", "new"):
             with pytest.raises((RunInUse, MetaclError), match=f"in use by process {process.pid}"):
                 execute(busy, mode)
-        assert set(before) <= set(snapshot(path / "checkpoints"))   # nothing deleted
+        assert set(before) <= set(snapshot(path / "checkpoints"))  # nothing deleted
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    assert read_status(path)["status"] == "stale"          # says running; its writer is gone
-    final = execute(busy, "resume")[1]                     # and a resume takes it over
+    assert read_status(path)["status"] == "stale"  # says running; its writer is gone
+    final = execute(busy, "resume")[1]  # and a resume takes it over
     assert final["steps"] == 100 and read_status(path)["status"] == "complete"
 
 
@@ -135,11 +139,12 @@ def test_resume_refuses_a_results_changing_config_and_allows_the_rest(tmp_path, 
     assert "walk.scale: 1.0 (stored) vs 2.0 (now)" in str(refused.value)
     assert "seed: 0 (stored) vs 5 (now)" in str(refused.value)
     assert (path / "config.yaml").read_text() == stored
-    final = execute(toy(tmp_path, "threads=1", "quiet=true", "tracking.console_every=7",
-                        "walk.checkpoint_every=5"), "resume")[1]
+    final = execute(
+        toy(tmp_path, "threads=1", "quiet=true", "tracking.console_every=7", "walk.checkpoint_every=5"), "resume"
+    )[1]
     assert final == execute(toy(tmp_path / "ref"))[1]
-    assert (path / "config.yaml").read_text() == stored       # the directory still describes its run
-    with pytest.raises(MetaclError, match="walk.scale"):       # a complete run too
+    assert (path / "config.yaml").read_text() == stored  # the directory still describes its run
+    with pytest.raises(MetaclError, match="walk.scale"):  # a complete run too
         execute(toy(tmp_path, "walk.scale=2"), "resume")
 
 
@@ -162,11 +167,11 @@ def test_resume_refuses_different_data_unless_accepted(tmp_path, monkeypatch):
 
 
 def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(tmp_path, monkeypatch):
-    path = crash_at_13(tmp_path, monkeypatch)                  # checkpoints at steps 5 and 10
+    path = crash_at_13(tmp_path, monkeypatch)  # checkpoints at steps 5 and 10
     checkpoints = path / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last-previous.pt", "last.pt"]
     data = (checkpoints / "last.pt").read_bytes()
-    (checkpoints / "last.pt").write_bytes(data[: len(data) // 2])   # truncated by a full disk
+    (checkpoints / "last.pt").write_bytes(data[: len(data) // 2])  # truncated by a full disk
     final = execute(toy(tmp_path), "resume")[1]
     assert final == execute(toy(tmp_path / "ref"))[1]
     assert "falling back to the checkpoint before it" in (path / "log.txt").read_text()
@@ -176,7 +181,9 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(tmp_path, monkey
 
 def test_a_file_that_is_not_a_metacl_checkpoint_is_refused_plainly(tmp_path):
     import pickle
+
     from metacl.core.checkpoint import load_checkpoint
+
     path = tmp_path / "model.pt"
     path.write_bytes(pickle.dumps(ValueError("not a state")))
     with pytest.raises(DataError, match="not a metacl checkpoint") as error:
@@ -185,15 +192,18 @@ def test_a_file_that_is_not_a_metacl_checkpoint_is_refused_plainly(tmp_path):
 
 
 # ----------------------------------------------------------------- 4. validation first
-@pytest.mark.parametrize("override, message", [
-    ("train.new_task_share=1.5", "train.new_task_share: 1.5 is out of range; valid values: (0, 1)"),
-    ("train.lr=-1", "train.lr: -1"),
-    ("train.lr=.inf", "not a finite number"),
-    ("model.channels=[0]", "model.channels[0]: 0 is out of range"),
-    ("model.channels=[]", "model.channels: must not be empty"),
-    ("train.batch_size=0", "train.batch_size: 0 is out of range; valid values: >= 1"),
-    ("threads=0", "threads"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.new_task_share=1.5", "train.new_task_share: 1.5 is out of range; valid values: (0, 1)"),
+        ("train.lr=-1", "train.lr: -1"),
+        ("train.lr=.inf", "not a finite number"),
+        ("model.channels=[0]", "model.channels[0]: 0 is out of range"),
+        ("model.channels=[]", "model.channels: must not be empty"),
+        ("train.batch_size=0", "train.batch_size: 0 is out of range; valid values: >= 1"),
+        ("threads=0", "threads"),
+    ],
+)
 def test_bad_values_are_refused_before_anything_exists(override, message, scenes, tmp_path, capsys):
     out = tmp_path / "runs"
     assert main(mastery_args(scenes, out, override)) == 2
@@ -201,14 +211,17 @@ def test_bad_values_are_refused_before_anything_exists(override, message, scenes
     assert not out.exists()
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.remember_size=-1", "train.remember_size: -1 is out of range"),
-    ("train.episodes=0", "train.episodes: 0"),
-    ("log_every=0", "log_every: 0"),
-    ("model.rln_channels=0", "cannot be built"),
-    ("model.widht=3", "valid arguments: num_classes"),
-    ("train.outer_lr=-1", "train.outer_lr"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.remember_size=-1", "train.remember_size: -1 is out of range"),
+        ("train.episodes=0", "train.episodes: 0"),
+        ("log_every=0", "log_every: 0"),
+        ("model.rln_channels=0", "cannot be built"),
+        ("model.widht=3", "valid arguments: num_classes"),
+        ("train.outer_lr=-1", "train.outer_lr"),
+    ],
+)
 def test_meta_train_values_are_checked_by_config_show(override, message, capsys):
     config = str(Path(__file__).resolve().parents[1] / "configs" / "meta" / "anml.yaml")
     assert main(["config", "show", config, override]) == 2
@@ -224,11 +237,12 @@ def test_a_run_refused_inside_run_leaves_no_folder(scenes, tmp_path, capsys):
 
 
 def test_yaml_problems_are_named(tmp_path, capsys):
-    cases = {"dup.yaml": ("experiment: mastery\nseed: 1\nseed: 2\n", "duplicate key 'seed'"),
-             "cycle.yaml": ("extends: cycle2.yaml\nseed: 1\n", "extends forms a cycle"),
-             "cycle2.yaml": ("extends: cycle.yaml\n", "extends forms a cycle"),
-             "bad_extends.yaml": ("extends: [a, b]\n", "extends must be the path"),
-             }
+    cases = {
+        "dup.yaml": ("experiment: mastery\nseed: 1\nseed: 2\n", "duplicate key 'seed'"),
+        "cycle.yaml": ("extends: cycle2.yaml\nseed: 1\n", "extends forms a cycle"),
+        "cycle2.yaml": ("extends: cycle.yaml\n", "extends forms a cycle"),
+        "bad_extends.yaml": ("extends: [a, b]\n", "extends must be the path"),
+    }
     for name, (text, _) in cases.items():
         (tmp_path / name).write_text(text)
     (tmp_path / "latin1.yaml").write_bytes("experiment: mastery\nname: caf\xe9\n".encode("latin-1"))
@@ -245,6 +259,7 @@ def test_a_nan_loss_stops_the_run_as_diverged(scenes, tmp_path, capsys, monkeypa
     def poisoned(*args):
         stats = original(*args)
         return {**stats, "loss": [float("nan")] * len(stats["loss"])}
+
     monkeypatch.setattr(mastery, "train_trials", poisoned)
     assert main(mastery_args(scenes, tmp_path, "name=nan")) == 3
     assert "diverged: the training loss became [nan] at epoch 1 (episode 1)" in capsys.readouterr().err
@@ -259,13 +274,15 @@ def test_meta_train_divergence_names_the_step(monkeypatch):
 
 def test_a_full_disk_fails_the_run_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
     from metacl.core.checkpoint import load_checkpoint
+
     original, calls = table_module.MetricsTable.flush, []
 
     def fill_disk(self):
         calls.append(1)
-        if len(calls) > 2:                                   # at the step-15 checkpoint
+        if len(calls) > 2:  # at the step-15 checkpoint
             raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
         return original(self)
+
     monkeypatch.setattr(table_module.MetricsTable, "flush", fill_disk)
     with pytest.raises(OSError):
         execute(toy(tmp_path))
@@ -308,13 +325,15 @@ def test_a_table_started_after_the_checkpoint_is_emptied_on_resume(tmp_path):
     """Rows flushed to a table that the loaded checkpoint does not know yet (the run was killed
     between flushing and checkpointing) are not kept twice."""
     import torch
+
     from metacl.core.run import Run
+
     config = toy(tmp_path)
     run = Run.open(config, torch.device("cpu"))
     run.table("epochs").append({"epoch": 1})
     run.save_checkpoint({"epoch": 1})
     run.table("criterion").append({"episode": 1})
-    run.flush()                                           # ... and the process dies here
+    run.flush()  # ... and the process dies here
     run.close()
     run.release()
     again = Run.open(config, torch.device("cpu"), "resume")

@@ -1,4 +1,5 @@
 """The compositional-scenes dataset: file layout, determinism, labels, scene rules, bad input, resume."""
+
 import h5py
 import numpy as np
 import pytest
@@ -49,7 +50,7 @@ def test_file_has_the_reference_layout_and_metacl_attributes(scenes_file):
         assert f["Q"].dtype == np.uint8 and f["Q"].shape == (COUNT, 30, 30)
         assert (f["Q"][()] == np.eye(30, dtype=np.uint8)).all()
         assert [p.decode() for p in f["properties"][()]] == list(FEATURES)
-        for name, (_, dtype, tail, _) in OBJECT_DATASETS.items():   # extra, per-object metadata
+        for name, (_, dtype, tail, _) in OBJECT_DATASETS.items():  # extra, per-object metadata
             assert f[name].dtype == dtype and f[name].shape == (COUNT, 5, *tail)
     attrs = load_scenes(scenes_file, limit=2).attrs
     assert attrs["metacl_format_version"] == 2 and attrs["metacl_seed"] == SEED
@@ -74,8 +75,7 @@ def test_labels_follow_objects_and_scene_rules_hold(scenes):
 
 def same_objects(a, b):
     """Identical per-object metadata (NaN fill values compare equal)."""
-    return all(np.array_equal(getattr(a, name), getattr(b, name), equal_nan=True)
-               for name in a.__dataclass_fields__)
+    return all(np.array_equal(getattr(a, name), getattr(b, name), equal_nan=True) for name in a.__dataclass_fields__)
 
 
 def test_same_seed_gives_identical_bytes_whatever_the_batch_size(scenes, tmp_path):
@@ -88,8 +88,7 @@ def test_same_seed_gives_identical_bytes_whatever_the_batch_size(scenes, tmp_pat
 
 
 def test_worker_processes_give_identical_bytes(scenes, tmp_path):
-    parallel = load_scenes(generate_scenes(tmp_path / "w.h5", 12, seed=SEED, batch_size=4, workers=2,
-                                           quiet=True))
+    parallel = load_scenes(generate_scenes(tmp_path / "w.h5", 12, seed=SEED, batch_size=4, workers=2, quiet=True))
     assert np.array_equal(parallel.X, scenes.X[:12]) and np.array_equal(parallel.D, scenes.D[:12])
     assert same_objects(parallel.objects, scenes.objects.select(slice(12)))
 
@@ -161,11 +160,15 @@ def _valid_arrays(count=3):
 
 def test_reference_files_without_metacl_attributes_load(tmp_path):
     arrays = _valid_arrays()
-    path = _write(tmp_path / "ref.h5", **arrays, Q=np.broadcast_to(np.eye(30, dtype=np.uint8), (3, 30, 30)),
-                  properties=np.array([f.encode() for f in FEATURES]))
+    path = _write(
+        tmp_path / "ref.h5",
+        **arrays,
+        Q=np.broadcast_to(np.eye(30, dtype=np.uint8), (3, 30, 30)),
+        properties=np.array([f.encode() for f in FEATURES]),
+    )
     scenes = load_scenes(path)
     assert scenes.attrs == {} and scenes.X.shape == (3, 12, 16, 3) and scenes.y[0, [0, 10, 20]].tolist() == [1, 1, 1]
-    assert scenes.objects is None   # no object metadata in reference (or older metacl) files
+    assert scenes.objects is None  # no object metadata in reference (or older metacl) files
 
 
 def test_metacl_files_from_before_the_object_metadata_still_load(scenes_file, tmp_path):
@@ -193,15 +196,18 @@ def test_partial_object_metadata_is_a_data_error(scenes_file, tmp_path):
         load_scenes(broken)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda a: a.pop("y"), "missing dataset 'y'"),
-    (lambda a: a.update(X=a["X"].astype(np.float32)), "'X' has dtype float32, expected uint8"),
-    (lambda a: a.update(D=a["D"][:, :4]), r"'D' has shape \(3, 4, 3\), expected \(N, 5, 3\)"),
-    (lambda a: a.update(X=a["X"][:, :, :, :1]), r"'X' has shape \(3, 12, 16, 1\)"),
-    (lambda a: a["y"].__setitem__((1, 7), 1), r"y\[1, 7\] = 1 but D\[1\] says 'purple' is absent"),
-    (lambda a: a["D"].__setitem__((2, 0, 1), 5), r"D\[2, 0\] = \[0, 5, 20\] is not a valid object"),
-    (lambda a: a.update(y=a["y"][:2]), "disagree on the number of images"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.pop("y"), "missing dataset 'y'"),
+        (lambda a: a.update(X=a["X"].astype(np.float32)), "'X' has dtype float32, expected uint8"),
+        (lambda a: a.update(D=a["D"][:, :4]), r"'D' has shape \(3, 4, 3\), expected \(N, 5, 3\)"),
+        (lambda a: a.update(X=a["X"][:, :, :, :1]), r"'X' has shape \(3, 12, 16, 1\)"),
+        (lambda a: a["y"].__setitem__((1, 7), 1), r"y\[1, 7\] = 1 but D\[1\] says 'purple' is absent"),
+        (lambda a: a["D"].__setitem__((2, 0, 1), 5), r"D\[2, 0\] = \[0, 5, 20\] is not a valid object"),
+        (lambda a: a.update(y=a["y"][:2]), "disagree on the number of images"),
+    ],
+)
 def test_malformed_files_name_the_problem_and_where(tmp_path, change, message):
     arrays = _valid_arrays()
     change(arrays)
@@ -296,13 +302,16 @@ def test_cli_default_output_goes_to_the_data_dir(tmp_path):
     assert len(list((tmp_path / "scenes").glob("scenes-4-120x160-seed0-v*.h5"))) == 1
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["data", "scenes", "--num-images", "0", "--out", "x.h5"], "--num-images: must be at least 1"),
-    (["data", "scenes", "--num-images", "many", "--out", "x.h5"], "expected a whole number"),
-    (["data", "scenes", "--out", "x.h5"], "required: --num-images"),
-    (["data", "scenes", "--num-images", "2", "--seed", "-1", "--out", "x.h5"], "must be at least 0"),
-    (["data", "preview", "x.h5", "--out", "p.png", "--n", "0"], "--n: must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["data", "scenes", "--num-images", "0", "--out", "x.h5"], "--num-images: must be at least 1"),
+        (["data", "scenes", "--num-images", "many", "--out", "x.h5"], "expected a whole number"),
+        (["data", "scenes", "--out", "x.h5"], "required: --num-images"),
+        (["data", "scenes", "--num-images", "2", "--seed", "-1", "--out", "x.h5"], "must be at least 0"),
+        (["data", "preview", "x.h5", "--out", "p.png", "--n", "0"], "--n: must be at least 1"),
+    ],
+)
 def test_bad_cli_arguments_exit_2_with_a_message(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
@@ -311,12 +320,15 @@ def test_bad_cli_arguments_exit_2_with_a_message(argv, message, capsys, tmp_path
     assert not (tmp_path / "x.h5").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["data", "scenes", "--num-images", "2", "--device", "tpu"], "unknown device 'tpu'"),
-    (["data", "scenes", "--num-images", "2", "--height", "10"], "too small"),
-    (["data", "scenes", "--num-images", "2", "--width", "600"], "aspect ratio"),
-    (["data", "preview", "absent.h5", "--out", "p.png"], "no such file"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["data", "scenes", "--num-images", "2", "--device", "tpu"], "unknown device 'tpu'"),
+        (["data", "scenes", "--num-images", "2", "--height", "10"], "too small"),
+        (["data", "scenes", "--num-images", "2", "--width", "600"], "aspect ratio"),
+        (["data", "preview", "absent.h5", "--out", "p.png"], "no such file"),
+    ],
+)
 def test_bad_values_are_user_errors(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(argv + (["--out", "x.h5"] if argv[1] == "scenes" else [])) == 2

@@ -1,5 +1,6 @@
 """Scene geometry: nearer objects cover farther ones, visibility counts that occlusion, and shadows
 fall away from the key light. Assertions are on geometry and colour classes, never exact pixels."""
+
 import numpy as np
 import pytest
 import torch
@@ -25,8 +26,15 @@ def one_image(objects):
     position = np.zeros((1, 5, 2))
     for slot, (c, s, xy) in enumerate(objects):
         present[0, slot], colour[0, slot], shape[0, slot], position[0, slot] = True, c, s, xy
-    return Layout(present=present, colour=colour, shape=shape, texture=np.full((1, 5), RUBBER),
-                  rotation=np.zeros((1, 5), np.int64), position=position, placed=np.ones(1, bool))
+    return Layout(
+        present=present,
+        colour=colour,
+        shape=shape,
+        texture=np.full((1, 5), RUBBER),
+        rotation=np.zeros((1, 5), np.int64),
+        position=position,
+        placed=np.ones(1, bool),
+    )
 
 
 def pair(near_first, shape, lateral):
@@ -36,9 +44,11 @@ def pair(near_first, shape, lateral):
     return one_image([near, far] if near_first else [far, near]), (0, 1) if near_first else (1, 0)
 
 
-CASES = [(near_first, shape, lateral) for near_first in (True, False)
-         for shape, lateral in ((SHAPES.index("cube"), 0.0), (SHAPES.index("cylinder"), 1.5),
-                                (SHAPES.index("sphere"), -1.5))]
+CASES = [
+    (near_first, shape, lateral)
+    for near_first in (True, False)
+    for shape, lateral in ((SHAPES.index("cube"), 0.0), (SHAPES.index("cylinder"), 1.5), (SHAPES.index("sphere"), -1.5))
+]
 
 
 @pytest.mark.parametrize("near_first, shape, lateral", CASES)
@@ -66,8 +76,8 @@ def test_visibility_is_what_nearer_objects_leave(renderer, near_first, shape, la
     visible = renderer.visibility(layout)[0].double()
     own = coverage.sum(dim=(1, 2))
     left_by_near = (coverage[far] * (1 - coverage[near])).sum()
-    assert torch.isclose(visible[near], own[near], rtol=1e-4)       # nothing is in front of it
-    assert torch.isclose(visible[far], left_by_near, rtol=1e-4)     # it keeps what the near one leaves
+    assert torch.isclose(visible[near], own[near], rtol=1e-4)  # nothing is in front of it
+    assert torch.isclose(visible[far], left_by_near, rtol=1e-4)  # it keeps what the near one leaves
     assert visible[far] < own[far] - 100
     assert (visible[2:] == 0).all()
 
@@ -84,7 +94,7 @@ def ground_darkening(renderer, layout):
 @pytest.mark.parametrize("shape", range(len(SHAPES)))
 def test_shadows_fall_away_from_the_key_light(renderer, shape):
     away = -np.array(KEY_LIGHT[:2]) / np.linalg.norm(KEY_LIGHT[:2])
-    ground = renderer.camera.ground_points().numpy()   # (H, W, 2) world xy of each pixel
+    ground = renderer.camera.ground_points().numpy()  # (H, W, 2) world xy of each pixel
     for xy in (np.zeros(2), 2 * _ACROSS, -2 * _ACROSS + _ALONG):
         dark = ground_darkening(renderer, one_image([(BLUE, shape, xy)]))
         offset = ground - xy

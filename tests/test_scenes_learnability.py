@@ -4,6 +4,7 @@ A small convolutional probe is trained on objects rendered exactly as they appea
 (the renderer's sprites, at random orientations and perspective scales, on the lit floor) and
 must tell apart the 10 values of each dimension on held-out renders.
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,8 +36,10 @@ def render_objects(renderer: SceneRenderer, count: int, seed: int):
 
 def probe() -> nn.Module:
     """Three conv blocks at full crop resolution (patterns are a few pixels wide) and a linear head."""
+
     def block(inputs, outputs):
         return [nn.Conv2d(inputs, outputs, 3, padding=1), nn.BatchNorm2d(outputs), nn.ReLU(), nn.MaxPool2d(2)]
+
     return nn.Sequential(*block(3, 16), *block(16, 32), *block(32, 64), nn.Flatten(), nn.Linear(64 * 6 * 6, 30))
 
 
@@ -50,7 +53,7 @@ def test_probe_tells_apart_every_colour_shape_and_texture():
     optimiser = torch.optim.Adam(net.parameters(), 3e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, 6e-3, total_steps=epochs * len(train_x) // batch_size)
     order = torch.Generator().manual_seed(3)
-    for epoch in range(epochs):
+    for _epoch in range(epochs):
         for batch in torch.randperm(len(train_x), generator=order).split(batch_size):
             logits = net(train_x[batch]).view(-1, 3, 10)
             loss = F.cross_entropy(logits.permute(0, 2, 1), train_y[batch])

@@ -1,5 +1,6 @@
 """Trackers: TensorBoard event files and offline W&B runs are written and read back; no API
 key ever reaches a run directory."""
+
 import json
 import struct
 from pathlib import Path
@@ -15,12 +16,14 @@ SECRET = "metacl-test-secret-0123456789abcdef"
 
 
 def toy(tmp_path, *overrides):
-    return load_experiment_config(None, [f"out_dir={tmp_path}", "device=cpu", "name=run",
-                                         "tracking.console_every=1000", *overrides], TOY)
+    return load_experiment_config(
+        None, [f"out_dir={tmp_path}", "device=cpu", "name=run", "tracking.console_every=1000", *overrides], TOY
+    )
 
 
 def tensorboard_scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(log_dir), purge_orphaned_data=True)
     events.Reload()
     return [(e.step, e.value) for e in events.Scalars(tag)]
@@ -29,6 +32,7 @@ def tensorboard_scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
 def wandb_records(path: Path):
     """The protobuf records of an offline W&B run file (LevelDB log format, W&B header)."""
     from wandb.proto import wandb_internal_pb2
+
     data = path.read_bytes()
     assert data[:4] == b":W&B"
     position, block, chunks = 7, 32768, []
@@ -36,8 +40,8 @@ def wandb_records(path: Path):
         if block - position % block < 7:  # block trailer padding
             position += block - position % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
-        chunks.append(data[position + 7:position + 7 + length])
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        chunks.append(data[position + 7 : position + 7 + length])
         position += 7 + length
         if kind in (1, 4):  # FULL or LAST
             record = wandb_internal_pb2.Record()
@@ -85,6 +89,5 @@ def test_wandb_offline_run_is_readable_and_holds_no_api_key(tmp_path, monkeypatc
 
 
 def test_unknown_tracker_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="unknown tracker 'mlflow'; valid choices: console, "
-                                          "tensorboard, wandb"):
+    with pytest.raises(ConfigError, match="unknown tracker 'mlflow'; valid choices: console, tensorboard, wandb"):
         toy(tmp_path, "tracking.backends=[mlflow]")

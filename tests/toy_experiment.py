@@ -3,6 +3,7 @@
 It draws a seeded random walk, one step per `step_seconds`, checkpointing every
 `checkpoint_every` steps, exactly as a real experiment uses the `Run` contract.
 """
+
 from __future__ import annotations
 
 import os

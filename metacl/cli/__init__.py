@@ -1,4 +1,5 @@
 """The `metacl` command line. Each domain package adds its own commands in its `cli` module."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import config_cli
 
     parser = argparse.ArgumentParser(
-        prog="metacl", description="Continual-learning and meta-learning research on visual tasks.")
+        prog="metacl", description="Continual-learning and meta-learning research on visual tasks."
+    )
     parser.add_argument("--version", action="version", version=f"metacl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -9,6 +9,7 @@ in a shared folder stay readable by colleagues. (`tempfile.mkstemp` would make e
 0600.) The temporary file is created with mode 0666 and the kernel applies the umask, so the
 umask is never changed, not even for an instant (changing it races with other threads).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,13 +17,20 @@ import errno
 import os
 import secrets
 import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from .errors import DataError
 
-_TEMP_FLAGS = (os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-               | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+_TEMP_FLAGS = (
+    os.O_RDWR
+    | os.O_CREAT
+    | os.O_EXCL
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+)
 
 
 def temp_sibling(path: str | os.PathLike, suffix: str = ".tmp") -> tuple[int, Path]:
@@ -128,9 +136,13 @@ def _why_not_writable(folder: Path) -> str:
 
 def write_error_message(error: OSError, folder: str | os.PathLike, hint: str = "") -> str:
     """A message for an OSError met while writing into `folder`: where, why, what to do."""
-    reason = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-              errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device",
-              errno.EDQUOT: "disk quota exceeded"}.get(error.errno or 0)
+    reason = {
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.EROFS: "read-only file system",
+        errno.ENOSPC: "no space left on device",
+        errno.EDQUOT: "disk quota exceeded",
+    }.get(error.errno or 0)
     reason = reason or (error.strerror or str(error)).lower()
     where = error.filename or folder
     return f"cannot write to {where}: {reason}" + (f"; {hint}" if hint else "")

@@ -1,4 +1,5 @@
 """Checkpoint files: written atomically, loaded with `weights_only=True` so loading runs no code."""
+
 from __future__ import annotations
 
 import os
@@ -29,12 +30,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:  # objects outside a plain state (not written by metacl)
-        raise DataError(f"{path} is not a metacl checkpoint: it holds Python objects that metacl "
-                        f"never writes, so it is not loaded") from None
+        raise DataError(
+            f"{path} is not a metacl checkpoint: it holds Python objects that metacl never writes, so it is not loaded"
+        ) from None
     except Exception as error:  # torch raises several types for truncated or corrupt files
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"cannot read checkpoint {path} (truncated or not a checkpoint: {reason})") from None
     if not isinstance(state, dict):
-        raise DataError(f"{path} is not a metacl checkpoint (it holds a {type(state).__name__}, not a "
-                        f"state dict)")
+        raise DataError(f"{path} is not a metacl checkpoint (it holds a {type(state).__name__}, not a state dict)")
     return state

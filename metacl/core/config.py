@@ -9,6 +9,7 @@ the key and the valid values, before any run folder or file exists. Each field c
 A YAML file may start with `extends: other.yaml` (a path relative to the file) to inherit
 another file's values; its own values win, merged key by key.
 """
+
 from __future__ import annotations
 
 import ast
@@ -90,8 +91,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise ConfigError(f"duplicate key {key!r} (line {seen[key] + 1} and line "
-                                  f"{key_node.start_mark.line + 1}); keep one of them")
+                raise ConfigError(
+                    f"duplicate key {key!r} (line {seen[key] + 1} and line "
+                    f"{key_node.start_mark.line + 1}); keep one of them"
+                )
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep)
 
@@ -279,8 +282,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported config type {tp!r}")
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = (),
-                base: dict | None = None) -> T:
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = (), base: dict | None = None
+) -> T:
     """Load `cls` from an optional YAML file plus overrides (overrides win)."""
     data = deep_merge(base or {}, read_yaml(path)) if path else dict(base or {})
     return from_dict(cls, apply_overrides(data, overrides))
@@ -295,6 +299,7 @@ def to_dict(config: Any) -> dict[str, Any]:
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
         return value
+
     return plain(dataclasses.asdict(config))
 
 
@@ -318,9 +323,13 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         body = klass_node.body
         for node, after in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                    and isinstance(after.value.value, str)):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
                 docs[node.target.id] = " ".join(after.value.value.split())
     return docs
 
@@ -341,6 +350,5 @@ def describe(cls: type, prefix: str = "", instance: Any = None) -> list[tuple[st
         if dataclasses.is_dataclass(value):  # a typed section (or one chosen at load time)
             rows.extend(describe(type(value), f"{prefix}{field.name}.", value))
         else:
-            rows.append((prefix + field.name, _type_name(tp), getattr(instance, field.name),
-                         docs.get(field.name, "")))
+            rows.append((prefix + field.name, _type_name(tp), getattr(instance, field.name), docs.get(field.name, "")))
     return rows

@@ -1,4 +1,5 @@
 """Resolve `device=auto|cpu|cuda|cuda:N` to a torch.device, with a clear error when unavailable."""
+
 from __future__ import annotations
 
 import torch

@@ -1,9 +1,10 @@
 """A snapshot of what produced a run: versions, device, git commit, command line."""
+
 from __future__ import annotations
 
 import datetime
-import os
 import importlib.metadata
+import os
 import platform
 import socket
 import subprocess
@@ -12,17 +13,33 @@ from pathlib import Path
 
 import torch
 
-PACKAGES = ("metacl", "torch", "numpy", "h5py", "pandas", "pyarrow", "matplotlib", "pillow",
-            "pyyaml", "submitit", "tensorboard", "wandb")
+PACKAGES = (
+    "metacl",
+    "torch",
+    "numpy",
+    "h5py",
+    "pandas",
+    "pyarrow",
+    "matplotlib",
+    "pillow",
+    "pyyaml",
+    "submitit",
+    "tensorboard",
+    "wandb",
+)
 
 
 def git_commit(directory: Path | None = None) -> str | None:
     directory = directory or Path(__file__).resolve().parents[2]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True,
-                             text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=directory, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=directory,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
@@ -45,8 +62,10 @@ def hardware_summary(device: torch.device | str | None = None) -> str:
     """One line naming what a benchmark ran on: CPU, cores, torch threads, torch version, device."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    line = (f"hardware: {cpu_model()}, {cores} cores, {torch.get_num_threads()} torch threads, "
-            f"torch {torch.__version__}, device {device}")
+    line = (
+        f"hardware: {cpu_model()}, {cores} cores, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, device {device}"
+    )
     if device.type == "cuda":
         line += f" ({torch.cuda.get_device_name(device)})"
     return line

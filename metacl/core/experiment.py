@@ -12,6 +12,7 @@ An experiment is a module that defines
 go through `load_experiment_config` and `execute`, so a new experiment touches one module and
 one line here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,20 +22,21 @@ import importlib
 import json
 import shutil
 import traceback
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
-from .tracking import TrackingConfig, check_backends
-from .config import ConfigError, Positive, from_dict, apply_overrides, read_yaml, to_dict
+from .config import ConfigError, Positive, apply_overrides, from_dict, read_yaml, to_dict
 from .device import resolve_device
 from .errors import DataError, RunDiverged, RunInterrupted
 from .run import Mode, Run
 from .rundir import check_resume, check_run_name, is_run_directory, read_status
 from .seeding import seed_everything
+from .tracking import TrackingConfig, check_backends
 
 EXPERIMENTS: dict[str, str] = {
     "mastery": "metacl.mastery.experiment",
@@ -85,18 +87,20 @@ def experiment_module(name: str) -> ModuleType:
         if hasattr(module, "Config") and hasattr(module, "run"):
             return module
         raise ConfigError(f"experiment module {name!r} defines no Config and run()")
-    raise ConfigError(f"unknown experiment {name!r}; valid choices: {', '.join(EXPERIMENTS)}, "
-                      f"or a dotted module path defining Config and run()")
+    raise ConfigError(
+        f"unknown experiment {name!r}; valid choices: {', '.join(EXPERIMENTS)}, "
+        f"or a dotted module path defining Config and run()"
+    )
 
 
-def load_experiment_config(path: str | Path | None, overrides: Iterable[str] = (),
-                           experiment: str | None = None) -> ExperimentConfig:
+def load_experiment_config(
+    path: str | Path | None, overrides: Iterable[str] = (), experiment: str | None = None
+) -> ExperimentConfig:
     """Read a YAML config plus overrides into its experiment's typed, validated Config."""
     data = apply_overrides(read_yaml(path) if path else {}, overrides)
     name = experiment or data.get("experiment")
     if not name:
-        raise ConfigError(f"{path or 'config'}: missing key 'experiment'; valid choices: "
-                          f"{', '.join(EXPERIMENTS)}")
+        raise ConfigError(f"{path or 'config'}: missing key 'experiment'; valid choices: {', '.join(EXPERIMENTS)}")
     if data.get("experiment", name) != name:
         raise ConfigError(f"{path}: is a {data['experiment']!r} config, not {name!r}")
     data["experiment"] = name
@@ -117,8 +121,9 @@ def default_run_name(config: ExperimentConfig) -> str:
     return f"{config.experiment}-{digest}"
 
 
-def execute(config: ExperimentConfig, mode: Mode = "new",
-            accept_data_change: bool = False) -> tuple[Path, dict[str, Any]]:
+def execute(
+    config: ExperimentConfig, mode: Mode = "new", accept_data_change: bool = False
+) -> tuple[Path, dict[str, Any]]:
     """Run `config` in its run directory; return (path, final metrics).
 
     With mode="resume", a complete run returns its recorded metrics at once and an unfinished

@@ -3,6 +3,7 @@
 Order of precedence: an explicit argument (CLI flag or config field), then the
 `METACL_DATA_DIR` environment variable, then `$XDG_CACHE_HOME/metacl` (default `~/.cache/metacl`).
 """
+
 from __future__ import annotations
 
 import os

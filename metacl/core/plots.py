@@ -1,4 +1,5 @@
 """Figures for the reports: matplotlib without a screen, saved atomically."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +11,10 @@ from .atomic import atomic_path
 def pyplot() -> Any:
     """matplotlib.pyplot on the non-interactive Agg backend (reports run on clusters and in CI)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 

@@ -15,6 +15,7 @@ Every file is written atomically. `save_checkpoint` flushes the tables and recor
 lengths; `load_checkpoint` truncates the tables back to those lengths, so a run resumed after a
 hard kill logs each row exactly once and ends as an uninterrupted run would.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,15 +28,14 @@ from typing import Any, Literal
 
 import torch
 
-from .tracking import build_tracker
 from . import atomic
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import to_dict, to_yaml
 from .environment import environment
 from .errors import DataError, MetaclError
-from .rundir import (RunLock, check_resume, check_run_name, clear_run_directory, holder_record,
-                     read_status, user_files)
+from .rundir import RunLock, check_resume, check_run_name, clear_run_directory, holder_record, read_status, user_files
 from .table import MetricsTable
+from .tracking import build_tracker
 
 __all__ = ["Mode", "Run", "Status"]
 
@@ -46,8 +46,15 @@ Mode = Literal["new", "resume", "overwrite"]
 class Run:
     """Owns one run directory: files, logger, tracker, tables, checkpoints and stop requests."""
 
-    def __init__(self, path: Path, config: Any, device: torch.device, tracker: Any = None,
-                 lock: RunLock | None = None, accept_data_change: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        config: Any,
+        device: torch.device,
+        tracker: Any = None,
+        lock: RunLock | None = None,
+        accept_data_change: bool = False,
+    ):
         self.path = Path(path)
         self.config = config
         self.device = device
@@ -58,13 +65,11 @@ class Run:
         self.log = _file_logger(self.path)
         self.tables: dict[str, MetricsTable] = {}
         self.stop_requested = False
-        self.tracker = tracker or build_tracker(config.tracking, self.path, self.path.name,
-                                                to_dict(config), self.log)
+        self.tracker = tracker or build_tracker(config.tracking, self.path, self.path.name, to_dict(config), self.log)
 
     # ------------------------------------------------------------------------------ creation
     @classmethod
-    def open(cls, config: Any, device: torch.device, mode: Mode = "new",
-             accept_data_change: bool = False) -> "Run":
+    def open(cls, config: Any, device: torch.device, mode: Mode = "new", accept_data_change: bool = False) -> Run:
         """Create, resume or overwrite the run directory, holding its lock from the first write.
 
         Everything that can be refused is checked before any file is deleted or written."""
@@ -77,8 +82,9 @@ class Run:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise MetaclError(f"cannot create run directory {path}: {error.strerror}; choose a "
-                              f"writable out_dir=") from None
+            raise MetaclError(
+                f"cannot create run directory {path}: {error.strerror}; choose a writable out_dir="
+            ) from None
         try:
             lock = RunLock(path).acquire()
         except BaseException:
@@ -91,7 +97,8 @@ class Run:
                 raise MetaclError(
                     f"run directory {path} already exists (status: {read_status(path)['status']}); "
                     f"pass --resume to continue it, --overwrite to start again, or choose another "
-                    f"name=...")
+                    f"name=..."
+                )
             if existing and mode == "overwrite":
                 clear_run_directory(path, out_dir)
             resumed = bool(existing) and mode == "resume"
@@ -104,6 +111,7 @@ class Run:
             lock.release()
             if created:
                 import shutil
+
                 shutil.rmtree(path, ignore_errors=True)
             raise
         run = cls(path, config, device, lock=lock, accept_data_change=accept_data_change)
@@ -141,12 +149,13 @@ class Run:
             stored = json.loads(path.read_text())
             if stored == json.loads(json.dumps(fingerprint, default=str)):
                 return
-            changed = sorted(k for k in set(stored) | set(fingerprint)
-                             if stored.get(k) != fingerprint.get(k))
+            changed = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
             if not self.accept_data_change:
-                raise DataError(f"the data differs from what {self.path} trained on ({', '.join(changed)}"
-                                f"; stored in data.json); resume with --accept-data-change to go on "
-                                f"with the new data anyway")
+                raise DataError(
+                    f"the data differs from what {self.path} trained on ({', '.join(changed)}"
+                    f"; stored in data.json); resume with --accept-data-change to go on "
+                    f"with the new data anyway"
+                )
             self.log.warning("data changed (%s); continuing as --accept-data-change asks", ", ".join(changed))
         atomic.write_text(path, json.dumps(fingerprint, indent=2, default=str))
 
@@ -190,12 +199,13 @@ class Run:
     # ------------------------------------------------------------------------------ stopping
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT ask the run to checkpoint at its next safe point and exit cleanly."""
+
         def request_stop(signum, _frame):
             if self.stop_requested:  # a second signal stops at once
                 raise KeyboardInterrupt
             self.stop_requested = True
-            self.log.warning("received %s: checkpointing at the next safe point",
-                             signal.Signals(signum).name)
+            self.log.warning("received %s: checkpointing at the next safe point", signal.Signals(signum).name)
+
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
 
@@ -218,10 +228,11 @@ def tensor_digest(*tensors: torch.Tensor, max_rows: int = 4096) -> str:
     """A content hash of tensors for data.json: shapes, dtypes and up to `max_rows` evenly spaced
     rows of each (every row of small data), so it costs milliseconds even for gigabytes."""
     import hashlib
+
     digest = hashlib.sha256()
     for tensor in tensors:
         digest.update(f"{tuple(tensor.shape)} {tensor.dtype}".encode())
-        rows = tensor[::max(1, -(-tensor.shape[0] // max_rows))] if tensor.ndim else tensor
+        rows = tensor[:: max(1, -(-tensor.shape[0] // max_rows))] if tensor.ndim else tensor
         digest.update(rows.detach().contiguous().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 

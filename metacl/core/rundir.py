@@ -7,6 +7,7 @@ nothing else. One process writes a run directory at a time: it holds an exclusiv
 however it dies, so a killed run never leaves a stale lock, and a `running` status whose lock is
 free belongs to a process that is gone (`stale`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,10 @@ def check_run_name(name: Any) -> str:
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"name {name!r}: a run name must be a non-empty folder name, e.g. name=my-run")
     if name in (".", "..") or "/" in name or "\\" in name or os.path.isabs(name) or "\0" in name:
-        raise ConfigError(f"name {name!r}: a run name must be one folder name (no '/', '\\', '.' or "
-                          f"'..'); set out_dir= to choose where runs go")
+        raise ConfigError(
+            f"name {name!r}: a run name must be one folder name (no '/', '\\', '.' or "
+            f"'..'); set out_dir= to choose where runs go"
+        )
     return name
 
 
@@ -57,11 +60,14 @@ def clear_run_directory(path: Path, out_dir: Path) -> None:
     """Delete a metacl run directory's contents (keeping its lock) for --overwrite, after checking
     that it is one and lies directly inside `out_dir`."""
     import shutil
+
     if path.resolve().parent != out_dir.resolve():
         raise MetaclError(f"--overwrite refused: {path} is not directly inside out_dir {out_dir}")
     if not is_run_directory(path):
-        raise MetaclError(f"--overwrite refused: {path} is not a metacl run directory (it has no "
-                          f"{' and '.join(OWN_FILES)}); delete it yourself if you mean to")
+        raise MetaclError(
+            f"--overwrite refused: {path} is not a metacl run directory (it has no "
+            f"{' and '.join(OWN_FILES)}); delete it yourself if you mean to"
+        )
     for entry in user_files(path):
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
@@ -101,7 +107,7 @@ class RunLock:
         self.path = Path(path)
         self.handle: IO[str] | None = None
 
-    def acquire(self, wait_s: float = 1.0) -> "RunLock":
+    def acquire(self, wait_s: float = 1.0) -> RunLock:
         """Take the lock or raise RunInUse naming the holder. Waits briefly, so that a status
         probe (`metacl runs ls`) at the same instant is not mistaken for a writer."""
         if fcntl is None:
@@ -116,9 +122,11 @@ class RunLock:
                 if time.monotonic() >= deadline:
                     handle.close()
                     holder = lock_holder(self.path)
-                    raise RunInUse(f"run {self.path} is in use by process {holder.get('pid', '?')} "
-                                   f"on host {holder.get('host', '?')}; wait for it to finish or stop "
-                                   f"it first") from None
+                    raise RunInUse(
+                        f"run {self.path} is in use by process {holder.get('pid', '?')} "
+                        f"on host {holder.get('host', '?')}; wait for it to finish or stop "
+                        f"it first"
+                    ) from None
                 time.sleep(0.05)
         handle.seek(0)
         handle.truncate()
@@ -153,8 +161,17 @@ def read_status(path: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- resume
-RESULT_FREE_KEYS = ("name", "out_dir", "data_dir", "quiet", "threads", "device", "tracking",
-                    "log_every", "checkpoint_every")
+RESULT_FREE_KEYS = (
+    "name",
+    "out_dir",
+    "data_dir",
+    "quiet",
+    "threads",
+    "device",
+    "tracking",
+    "log_every",
+    "checkpoint_every",
+)
 """Config keys (and sections) that cannot change a run's results: a resume may change them."""
 
 
@@ -168,8 +185,9 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_differences(stored: dict[str, Any], new: dict[str, Any],
-                       defaults: dict[str, Any] | None = None) -> list[str]:
+def config_differences(
+    stored: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> list[str]:
     """'key: stored vs now' for every result-changing key whose value differs.
 
     A key the stored config lacks is no difference when the new value is that key's default (a
@@ -179,6 +197,7 @@ def config_differences(stored: dict[str, Any], new: dict[str, Any],
 
     def free(key: str) -> bool:
         return any(key == k or key.startswith(k + ".") for k in RESULT_FREE_KEYS)
+
     differences = []
     for key in sorted(set(old) | set(now)):
         before, after = old.get(key, missing), now.get(key, missing)
@@ -195,18 +214,24 @@ def check_resume(path: Path, config: Any) -> None:
     """Refuse to resume `path` with a config of another experiment or with other results-changing
     values: the run directory must keep describing what produced it."""
     import yaml
+
     from .config import to_dict
+
     try:
         stored = yaml.safe_load((path / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
         raise MetaclError(f"cannot resume {path}: its config.yaml is unreadable ({error})") from None
     if stored.get("experiment") != config.experiment:
-        raise MetaclError(f"cannot resume {path} as a {config.experiment!r} run: it is a "
-                          f"{stored.get('experiment')!r} run; choose another name=")
+        raise MetaclError(
+            f"cannot resume {path} as a {config.experiment!r} run: it is a "
+            f"{stored.get('experiment')!r} run; choose another name="
+        )
     cls = type(config)
     differences = config_differences(cls.upgrade(stored), to_dict(config), to_dict(cls()))
     if differences:
-        raise MetaclError(f"cannot resume {path} with a different config (a resumed run must be the "
-                          f"run its directory describes); differing keys:\n  " +
-                          "\n  ".join(differences) +
-                          "\nresume without these overrides, or start a new run with another name=")
+        raise MetaclError(
+            f"cannot resume {path} with a different config (a resumed run must be the "
+            f"run its directory describes); differing keys:\n  "
+            + "\n  ".join(differences)
+            + "\nresume without these overrides, or start a new run with another name="
+        )

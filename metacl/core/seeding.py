@@ -5,6 +5,7 @@ not control. metacl's own code never draws from them: it derives an independent,
 per purpose (`torch_generator(seed, "sampler")`), so adding a draw in one place never shifts the
 random numbers of another, and each stream's state can go into a checkpoint.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """Small statistics shared by every report: Student-t confidence intervals, without scipy."""
+
 from __future__ import annotations
 
 import math

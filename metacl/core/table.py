@@ -1,8 +1,10 @@
 """Tidy metrics tables: rows appended in memory, written to parquet atomically on `flush`."""
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import pandas as pd
 

@@ -9,6 +9,7 @@ to its budget. Runs configured with device=cpu need no slot.
 Ctrl-C or SIGTERM stops launching and asks every running run to checkpoint (one SIGTERM each);
 a second one makes them stop at once. Re-launching the sweep resumes them.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -24,8 +25,7 @@ from dataclasses import dataclass
 
 from ..core.errors import RunInterrupted
 from .specs import LocalConfig, PlannedRun
-from .worker import (EXIT_BUSY, EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED,
-                     GPU_MEMORY_FRACTION_ENV)
+from .worker import EXIT_BUSY, EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, GPU_MEMORY_FRACTION_ENV
 
 GPU_MEMORY_USABLE = 0.9
 """Share of a GPU's memory handed out to runs (the rest is left to the CUDA context)."""
@@ -40,6 +40,7 @@ class Slot:
 def gpu_slots(config: LocalConfig) -> list[Slot]:
     """The GPU slots of this machine under `config` (empty without CUDA)."""
     import torch
+
     if not torch.cuda.is_available():
         return []
     gpus = config.gpus if config.gpus is not None else list(range(torch.cuda.device_count()))
@@ -50,8 +51,8 @@ def gpu_slots(config: LocalConfig) -> list[Slot]:
         if config.gpu_memory_gb:
             fraction = min(1.0, config.gpu_memory_gb / total_gb)
         per_gpu = config.runs_per_gpu or (
-            max(1, math.floor(GPU_MEMORY_USABLE * total_gb / config.gpu_memory_gb))
-            if config.gpu_memory_gb else 1)
+            max(1, math.floor(GPU_MEMORY_USABLE * total_gb / config.gpu_memory_gb)) if config.gpu_memory_gb else 1
+        )
         slots.extend(Slot(gpu, fraction) for _ in range(per_gpu))
     return slots
 
@@ -91,8 +92,11 @@ class LocalLauncher:
                 process.send_signal(signal.SIGTERM)
 
         previous = _install({signal.SIGINT: request_stop, signal.SIGTERM: request_stop})
-        print(f"launching {len(runs)} runs: {workers} workers x {threads} threads"
-              + (f", {len(slots)} GPU slots" if slots else ""), flush=True)
+        print(
+            f"launching {len(runs)} runs: {workers} workers x {threads} threads"
+            + (f", {len(slots)} GPU slots" if slots else ""),
+            flush=True,
+        )
         done = 0
         try:
             while queue or active:
@@ -111,28 +115,35 @@ class LocalLauncher:
                         free.append(slot)
                     done += 1
                     where = f"GPU {slot.gpu}, " if slot is not None else ""
-                    print(f"[{done}/{len(runs)}] {run.name}: {_describe(process.returncode)} "
-                          f"({where}{time.monotonic() - started:.1f}s)", flush=True)
+                    print(
+                        f"[{done}/{len(runs)}] {run.name}: {_describe(process.returncode)} "
+                        f"({where}{time.monotonic() - started:.1f}s)",
+                        flush=True,
+                    )
                 if stops and not active:
                     break
                 time.sleep(0.05)
         finally:
             _install(previous)
         if stops:
-            raise RunInterrupted(f"sweep stopped with {len(queue)} runs not started; "
-                                 f"launch it again to resume")
+            raise RunInterrupted(f"sweep stopped with {len(queue)} runs not started; launch it again to resume")
         return codes
 
     def _start(self, run: PlannedRun, threads: int, slot: Slot | None) -> subprocess.Popen:
         env = worker_env(run, threads, slot)
         log = open(run.config_file.with_suffix(".log"), "a")
-        command = [sys.executable, "-m", "metacl.launch.worker", str(run.config_file),
-                   f"threads={threads}"]
+        command = [sys.executable, "-m", "metacl.launch.worker", str(run.config_file), f"threads={threads}"]
         # Own session: a Ctrl-C in the terminal reaches only this launcher, which forwards one
         # SIGTERM; the run gets SIGTERM too if the launcher dies.
         with log:
-            return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
+            return subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
 
 
 def worker_env(run: PlannedRun, threads: int, slot: Slot | None) -> dict[str, str]:
@@ -149,9 +160,13 @@ def worker_env(run: PlannedRun, threads: int, slot: Slot | None) -> dict[str, st
 
 
 def _describe(code: int) -> str:
-    return {0: "complete", EXIT_FAILED: "failed", EXIT_CONFIG: "bad config",
-            EXIT_BUSY: "already running elsewhere", EXIT_INTERRUPTED: "interrupted"}.get(
-        code, f"died (exit code {code})")
+    return {
+        0: "complete",
+        EXIT_FAILED: "failed",
+        EXIT_CONFIG: "bad config",
+        EXIT_BUSY: "already running elsewhere",
+        EXIT_INTERRUPTED: "interrupted",
+    }.get(code, f"died (exit code {code})")
 
 
 def _install(handlers: dict) -> dict:

@@ -4,13 +4,15 @@ A run is any folder with a config.yaml (and usually a status.json). Its row hold
 name, status and error, every config value as `config.<dotted key>`, and its final metrics as
 `final.<name>`. A metric may also be read from a tidy table as `TABLE:COLUMN` (its last row).
 """
+
 from __future__ import annotations
 
 import math
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 import yaml
@@ -39,8 +41,7 @@ def find_runs(directory: str | Path) -> list[Path]:
 
 def natural_key(path: Path) -> list:
     """Sort `steps=5` before `steps=10`: digit runs compare as numbers."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part)
-            for part in re.split(r"(\d+)", str(path))]
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", str(path))]
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -59,11 +60,15 @@ def load_runs(directory: str | Path) -> pd.DataFrame:
     for path in find_runs(directory):
         status = read_status(path)
         config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-        row = {"name": path.name, "path": str(path), "status": status["status"],
-               "error": status.get("error")}
+        row = {"name": path.name, "path": str(path), "status": status["status"], "error": status.get("error")}
         row.update({f"config.{k}": v for k, v in flatten(config).items()})
-        row.update({f"final.{k}": v for k, v in (status.get("final") or {}).items()
-                    if isinstance(v, (int, float, bool)) or v is None})
+        row.update(
+            {
+                f"final.{k}": v
+                for k, v in (status.get("final") or {}).items()
+                if isinstance(v, (int, float, bool)) or v is None
+            }
+        )
         rows.append(row)
     if not rows:
         raise MetaclError(f"no runs (folders with a config.yaml) under {directory}")
@@ -97,19 +102,23 @@ def sweep_keys(directory: str | Path) -> list[str]:
 
 
 def metric_names(frame: pd.DataFrame) -> list[str]:
-    return [c[6:] for c in frame.columns if c.startswith("final.")
-            and pd.api.types.is_numeric_dtype(frame[c])]
+    return [c[6:] for c in frame.columns if c.startswith("final.") and pd.api.types.is_numeric_dtype(frame[c])]
 
 
 def metric_values(frame: pd.DataFrame, metric: str) -> pd.Series:
     """Values of `metric` per run: a final metric, or `TABLE:COLUMN` (the table's last row)."""
     if ":" in metric:
         table, column = metric.split(":", 1)
-        return pd.Series([_last_value(Path(p) / f"{table}.parquet", column, metric)
-                          for p in frame["path"]], index=frame.index, dtype=float)
+        return pd.Series(
+            [_last_value(Path(p) / f"{table}.parquet", column, metric) for p in frame["path"]],
+            index=frame.index,
+            dtype=float,
+        )
     if f"final.{metric}" not in frame:
-        raise ConfigError(f"no run has a final metric {metric!r}; final metrics: "
-                          f"{', '.join(metric_names(frame)) or 'none'} (or TABLE:COLUMN)")
+        raise ConfigError(
+            f"no run has a final metric {metric!r}; final metrics: "
+            f"{', '.join(metric_names(frame)) or 'none'} (or TABLE:COLUMN)"
+        )
     return pd.to_numeric(frame[f"final.{metric}"], errors="coerce")
 
 
@@ -118,19 +127,21 @@ def _last_value(path: Path, column: str, metric: str) -> float:
         return math.nan
     table = pd.read_parquet(path)
     if column not in table:
-        raise ConfigError(f"metric {metric!r}: {path.name} has no column {column!r}; "
-                          f"columns: {', '.join(table.columns)}")
+        raise ConfigError(
+            f"metric {metric!r}: {path.name} has no column {column!r}; columns: {', '.join(table.columns)}"
+        )
     return float(table[column].iloc[-1]) if len(table) else math.nan
 
 
-def compare(frame: pd.DataFrame, by: Iterable[str], metrics: Iterable[str],
-            confidence: float = 0.95) -> pd.DataFrame:
+def compare(frame: pd.DataFrame, by: Iterable[str], metrics: Iterable[str], confidence: float = 0.95) -> pd.DataFrame:
     """Complete runs grouped by config keys `by`: n, mean and CI half-width of each metric."""
     by = list(by)
     for key in by:
         if f"config.{key}" not in frame:
-            raise ConfigError(f"--by {key!r} is not a config key of these runs; keys that vary: "
-                              f"{', '.join(varying_keys(frame)) or 'none'}")
+            raise ConfigError(
+                f"--by {key!r} is not a config key of these runs; keys that vary: "
+                f"{', '.join(varying_keys(frame)) or 'none'}"
+            )
     complete = frame[frame["status"] == "complete"]
     data = pd.DataFrame({key: complete[f"config.{key}"] for key in by}, index=complete.index)
     metrics = list(metrics)

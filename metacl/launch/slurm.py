@@ -11,6 +11,7 @@ end with the run continuing from where it stopped:
 - Preemption in requeue mode, or `scontrol requeue`: Slurm sends SIGTERM to every process of
   the job; the run checkpoints and exits, and Slurm starts the job again later.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,18 @@ if TYPE_CHECKING:  # the job side stays light: it imports no torch, the worker d
     from .specs import PlannedRun, SlurmConfig
 
 JOBS_FILE = "jobs.json"
-DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-               "BOOT_FAIL", "DEADLINE", "PREEMPTED", "SPECIAL_EXIT"}
+DONE_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "SPECIAL_EXIT",
+}
 
 
 class SlurmTask(Checkpointable):
@@ -55,8 +66,8 @@ class SlurmTask(Checkpointable):
     def __call__(self, config_file: str) -> dict[str, Any]:
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
         self._child = child = subprocess.Popen(
-            [sys.executable, "-m", "metacl.launch.worker", config_file, f"threads={self.threads}"],
-            env=env)
+            [sys.executable, "-m", "metacl.launch.worker", config_file, f"threads={self.threads}"], env=env
+        )
         # A thread reaps the child, so this (main) thread never holds a lock that submitit's
         # signal handler, which runs `checkpoint` here, would wait for.
         threading.Thread(target=child.wait, daemon=True).start()
@@ -66,10 +77,11 @@ class SlurmTask(Checkpointable):
         if child.returncode == 0:
             return status.get("final", {})
         if child.returncode == EXIT_INTERRUPTED:
-            raise RunInterrupted("stopped by Slurm (preemption, requeue or scancel) after a "
-                                 "checkpoint; it resumes when the job starts again")
-        raise MetaclError(f"run failed (worker exit code {child.returncode}): "
-                          f"{status.get('error', 'see the job log')}")
+            raise RunInterrupted(
+                "stopped by Slurm (preemption, requeue or scancel) after a "
+                "checkpoint; it resumes when the job starts again"
+            )
+        raise MetaclError(f"run failed (worker exit code {child.returncode}): {status.get('error', 'see the job log')}")
 
     def checkpoint(self, config_file: str) -> DelayedSubmission:
         """Called by submitit on USR2: stop the run at a checkpoint, then requeue the task."""
@@ -89,7 +101,7 @@ def _status(config_file: str | Path) -> dict[str, Any]:
 
 
 class SlurmLauncher:
-    def __init__(self, config: "SlurmConfig", folder: Path):
+    def __init__(self, config: SlurmConfig, folder: Path):
         self.config = config
         self.folder = Path(folder)
 
@@ -97,13 +109,21 @@ class SlurmLauncher:
         config = self.config
         executor = submitit.SlurmExecutor(folder=self.folder, max_num_timeout=config.max_timeouts)
         params: dict[str, Any] = dict(
-            job_name=job_name, time=config.time_min, cpus_per_task=config.cpus_per_task,
-            array_parallelism=config.array_parallelism, signal_delay_s=config.signal_delay_s,
+            job_name=job_name,
+            time=config.time_min,
+            cpus_per_task=config.cpus_per_task,
+            array_parallelism=config.array_parallelism,
+            signal_delay_s=config.signal_delay_s,
             setup=list(config.setup),
             # A requeued job appends to its logs, which then tell the whole story.
-            additional_parameters={"open-mode": "append", **config.additional})
-        optional = {"partition": config.partition, "account": config.account, "qos": config.qos,
-                    "constraint": config.constraint}
+            additional_parameters={"open-mode": "append", **config.additional},
+        )
+        optional = {
+            "partition": config.partition,
+            "account": config.account,
+            "qos": config.qos,
+            "constraint": config.constraint,
+        }
         params.update({k: v for k, v in optional.items() if v})
         if config.gpus_per_task:
             params["gpus_per_node"] = config.gpus_per_task
@@ -112,7 +132,7 @@ class SlurmLauncher:
         executor.update_parameters(**params)
         return executor
 
-    def submit(self, runs: list["PlannedRun"], job_name: str) -> list[str]:
+    def submit(self, runs: list[PlannedRun], job_name: str) -> list[str]:
         """Submit `runs` as one job array and return the job ids of all of `runs`: runs whose
         earlier job is still queued or running keep that job rather than getting a second one."""
         recorded = self._recorded()
@@ -129,8 +149,7 @@ class SlurmLauncher:
         recorded.update({run.name: job.job_id for run, job in zip(runs, jobs)})
         atomic.write_text(self.folder / JOBS_FILE, json.dumps(recorded, indent=2))
         array = jobs[0].job_id.split("_")[0]
-        print(f"submitted {len(jobs)} runs as Slurm job array {array} "
-              f"(logs in {self.folder})", flush=True)
+        print(f"submitted {len(jobs)} runs as Slurm job array {array} (logs in {self.folder})", flush=True)
         return busy_ids + [job.job_id for job in jobs]
 
     def wait(self, job_ids: list[str], poll_s: float = 2.0) -> None:
@@ -150,8 +169,9 @@ class SlurmLauncher:
 def active_jobs() -> set[str]:
     """Ids (array tasks as JOB_TASK) of all jobs Slurm still holds as pending or running."""
     try:
-        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T"], check=True,
-                             capture_output=True, text=True, timeout=60).stdout
+        out = subprocess.run(
+            ["squeue", "-h", "-r", "-o", "%i %T"], check=True, capture_output=True, text=True, timeout=60
+        ).stdout
     except FileNotFoundError:
         raise MetaclError("squeue not found: the Slurm launcher needs Slurm's commands") from None
     except subprocess.CalledProcessError as error:

@@ -3,6 +3,7 @@
 Kept apart from `sweep.py` so that the launchers (`local.py`, `slurm.py`) and the planner import
 it without importing each other.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

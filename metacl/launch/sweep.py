@@ -11,6 +11,7 @@ Every expanded config is validated before anything starts, so a typo in a grid k
 nothing. Run names come from the grid values only, so re-launching the same sweep finds the
 same directories: complete runs are skipped and unfinished ones resume from their checkpoint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,9 +19,10 @@ import hashlib
 import itertools
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import yaml
 
@@ -100,8 +102,7 @@ def parse_seeds(spec: int | str | list[int] | None) -> list[int] | None:
         for part in str(spec).replace(" ", "").split(","):
             match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
             if not match:
-                raise ConfigError(f"seeds {spec!r}: {part!r} is not a seed or range; "
-                                  f"write e.g. 0-9 or 0-4,10")
+                raise ConfigError(f"seeds {spec!r}: {part!r} is not a seed or range; write e.g. 0-9 or 0-4,10")
             first, last = int(match[1]), int(match[2] or match[1])
             if last < first:
                 raise ConfigError(f"seeds {spec!r}: range {part!r} is empty")
@@ -152,7 +153,7 @@ def run_name(values: dict[str, Any]) -> str:
     """`key=value,...`; a name too long for a file name keeps its start plus a hash of the rest."""
     name = ",".join(f"{key}={value_text(value)}" for key, value in values.items()) or "base"
     if len(name) > MAX_NAME:
-        name = f"{name[:MAX_NAME - 17]}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+        name = f"{name[: MAX_NAME - 17]}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
     return name
 
 
@@ -177,16 +178,19 @@ def expand(spec: SweepConfig) -> Sweep:
     for combo in itertools.product(*spec.grid.values(), *([seeds] if seeds is not None else [])):
         point = dict(zip(keys, combo))
         name = run_name(point)
-        overrides = [*spec.overrides, *(override_text(k, v) for k, v in point.items()),
-                     f"out_dir={directory}", f"name={name}", "quiet=true"]
+        overrides = [
+            *spec.overrides,
+            *(override_text(k, v) for k, v in point.items()),
+            f"out_dir={directory}",
+            f"name={name}",
+            "quiet=true",
+        ]
         config = _validated(spec.config, overrides, f"sweep run {name}")
-        runs.append(PlannedRun(name, config, directory / name,
-                               directory / LAUNCH_DIR / f"{name}.yaml", point))
+        runs.append(PlannedRun(name, config, directory / name, directory / LAUNCH_DIR / f"{name}.yaml", point))
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)
-        raise ConfigError(f"two grid points give the same run name {duplicate!r}; "
-                          f"make the grid values distinct")
+        raise ConfigError(f"two grid points give the same run name {duplicate!r}; make the grid values distinct")
     return Sweep(spec, directory, runs)
 
 
@@ -212,8 +216,10 @@ def check_existing(sweep: Sweep) -> None:
             old, new = identity(yaml.safe_load(existing.read_text()) or {}), identity(to_dict(run.config))
             if old != new:
                 changed = ", ".join(_differences(old, new)[:5])
-                raise ConfigError(f"run {run.path} exists with a different config ({changed}); "
-                                  f"give the sweep another name (--name) or delete that run")
+                raise ConfigError(
+                    f"run {run.path} exists with a different config ({changed}); "
+                    f"give the sweep another name (--name) or delete that run"
+                )
 
 
 def prepare(sweep: Sweep) -> list[PlannedRun]:
@@ -231,8 +237,11 @@ def prepare(sweep: Sweep) -> list[PlannedRun]:
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
-        return [d for key in dict.fromkeys([*old, *new])
-                for d in _differences(old.get(key), new.get(key), f"{prefix}{key}.")]
+        return [
+            d
+            for key in dict.fromkeys([*old, *new])
+            for d in _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        ]
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
@@ -261,18 +270,20 @@ class SweepReport:
         for outcome in self.outcomes:
             counts[outcome.status] = counts.get(outcome.status, 0) + 1
         summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-        lines = [f"sweep {self.directory}: {len(self.outcomes)} runs ({summary}; "
-                 f"{self.skipped} were already complete)"]
+        lines = [f"sweep {self.directory}: {len(self.outcomes)} runs ({summary}; {self.skipped} were already complete)"]
         for outcome in self.failed:
             lines.append(f"  {outcome.status}: {outcome.name}: {outcome.error or 'no error recorded'}")
         if self.failed:
-            lines.append(f"re-launch the same sweep to resume them; details in "
-                         f"<run>/status.json, <run>/log.txt and {LAUNCH_DIR}/<run>.log")
+            lines.append(
+                f"re-launch the same sweep to resume them; details in "
+                f"<run>/status.json, <run>/log.txt and {LAUNCH_DIR}/<run>.log"
+            )
         return "\n".join(lines)
 
 
-def report(sweep: Sweep, skipped: int = 0, exit_codes: dict[str, int] | None = None,
-           all_stopped: bool = False) -> SweepReport:
+def report(
+    sweep: Sweep, skipped: int = 0, exit_codes: dict[str, int] | None = None, all_stopped: bool = False
+) -> SweepReport:
     """Each run's outcome, from its status.json (and its worker's log if it never started).
 
     `exit_codes` are the local workers'; `all_stopped` says no run can still be executing, so
@@ -301,8 +312,11 @@ def wait_for_runs_elsewhere(runs: list[PlannedRun], poll_s: float) -> None:
     launch reports how they ended instead of asking for a re-launch."""
     if not runs:
         return
-    print(f"{len(runs)} run(s) running elsewhere (another launch holds them): waiting for "
-          f"{', '.join(r.name for r in runs)}", flush=True)
+    print(
+        f"{len(runs)} run(s) running elsewhere (another launch holds them): waiting for "
+        f"{', '.join(r.name for r in runs)}",
+        flush=True,
+    )
     while any(is_locked(r.path) for r in runs):
         time.sleep(poll_s)
 
@@ -326,10 +340,12 @@ def launch(sweep: Sweep, wait: bool = True, poll_s: float = 1.0) -> SweepReport 
     skipped = len(sweep.runs) - len(todo)
     if sweep.spec.launcher == "local":
         from .local import LocalLauncher
+
         codes = LocalLauncher(sweep.spec.local).run(todo)
         wait_for_runs_elsewhere([r for r in todo if codes.get(r.name) == EXIT_BUSY], poll_s)
         return report(sweep, skipped, codes)
     from .slurm import SlurmLauncher
+
     launcher = SlurmLauncher(sweep.spec.slurm, sweep.directory / LAUNCH_DIR / "slurm")
     job_ids = launcher.submit(todo, sweep.directory.name)
     if not wait:
@@ -338,9 +354,13 @@ def launch(sweep: Sweep, wait: bool = True, poll_s: float = 1.0) -> SweepReport 
     return report(sweep, skipped, all_stopped=True)
 
 
-def sweep_spec(config: str | Path, overrides: Sequence[str] = (), grid: dict[str, list[Any]] | None = None,
-               seeds: Any = None, **fields: Any) -> SweepConfig:
+def sweep_spec(
+    config: str | Path,
+    overrides: Sequence[str] = (),
+    grid: dict[str, list[Any]] | None = None,
+    seeds: Any = None,
+    **fields: Any,
+) -> SweepConfig:
     """A validated SweepConfig from Python (the API twin of `metacl sweep`)."""
-    data = {"config": str(config), "overrides": list(overrides), "grid": dict(grid or {}),
-            "seeds": seeds, **fields}
+    data = {"config": str(config), "overrides": list(overrides), "grid": dict(grid or {}), "seeds": seeds, **fields}
     return from_dict(SweepConfig, data)

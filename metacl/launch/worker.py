@@ -7,6 +7,7 @@ complete run returns at once, an unfinished one continues from its last checkpoi
 Exit codes: 0 complete, 1 failed (the error is in status.json), 2 bad config,
 3 the run is already executing in another process, 130 interrupted (checkpoint written).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..core.errors import MetaclError, RunInterrupted
     from ..core.experiment import execute, load_experiment_config
     from ..core.rundir import RunInUse
+
     try:
         config = load_experiment_config(args.config, args.overrides)
         _cap_gpu_memory()
@@ -60,6 +62,7 @@ def _cap_gpu_memory() -> None:
     fraction = os.environ.get(GPU_MEMORY_FRACTION_ENV)
     if fraction:
         import torch
+
         if torch.cuda.is_available():
             torch.cuda.set_per_process_memory_fraction(float(fraction), 0)
 

@@ -27,6 +27,7 @@ applied once, when a mastery run on the CPU has loaded its data and before it bu
 a GPU leaves the allocator alone: its activations live in the device's caching allocator. On
 other C libraries it does nothing.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 ENV_VAR = "METACL_MALLOC_TUNING"
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
 TOP_PAD_BYTES = 1 << 30
-PROBE_BYTES = 64 << 20   # over glibc's documented 32 MiB mmap-threshold cap
+PROBE_BYTES = 64 << 20  # over glibc's documented 32 MiB mmap-threshold cap
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,21 @@ class MallocTuning:
 
 
 class _Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-                 "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 _result: MallocTuning | None = None
@@ -81,7 +94,7 @@ def _glibc() -> ctypes.CDLL | None:
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
     libc.free.restype = None
-    if hasattr(libc, "mallinfo2"):   # glibc >= 2.33
+    if hasattr(libc, "mallinfo2"):  # glibc >= 2.33
         libc.mallinfo2.argtypes = []
         libc.mallinfo2.restype = _Mallinfo2
     return libc
@@ -131,10 +144,13 @@ def tune_malloc() -> MallocTuning:
         threshold = libc.mallopt(M_MMAP_MAX, 0)
         from_heap = _probe_comes_from_heap(libc) if threshold else False
     if not (trim and pad and threshold) or from_heap is False:
-        _result = MallocTuning("failed", f"mallopt refused (trim {trim}, top pad {pad}, "
-                                         f"{how} {threshold}, 64 MiB probe from heap: {from_heap})")
+        _result = MallocTuning(
+            "failed",
+            f"mallopt refused (trim {trim}, top pad {pad}, {how} {threshold}, 64 MiB probe from heap: {from_heap})",
+        )
     else:
         checked = "checked" if from_heap else "unchecked: no mallinfo2"
-        _result = MallocTuning("tuned", f"glibc malloc: no heap trimming, 1 GiB top pad, {how} "
-                                        f"({checked}); {ENV_VAR}=0 keeps the defaults")
+        _result = MallocTuning(
+            "tuned", f"glibc malloc: no heap trimming, 1 GiB top pad, {how} ({checked}); {ENV_VAR}=0 keeps the defaults"
+        )
     return _result

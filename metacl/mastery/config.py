@@ -3,13 +3,13 @@
 Every value is checked when the config loads (`metacl config show`, `metacl sweep --dry-run`),
 before any run starts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from ..core.config import (Fraction, NonEmpty, NonNegative, NonNegativeFloat, Positive,
-                           PositiveFloat, Range)
+from ..core.config import Fraction, NonEmpty, NonNegative, NonNegativeFloat, Positive, PositiveFloat, Range
 from ..core.errors import ConfigError
 from ..core.experiment import ExperimentConfig
 from .epochs import Curriculum
@@ -138,8 +138,10 @@ class Config(ExperimentConfig):
         """Checks across fields (each field's own range is checked by its type)."""
         config, train = self, self.train
         if train.max_epochs_per_episode is None and train.max_total_epochs is None:
-            raise ConfigError("train.max_epochs_per_episode and train.max_total_epochs are both null: "
-                              "an episode that never passes would train forever; set one of them")
+            raise ConfigError(
+                "train.max_epochs_per_episode and train.max_total_epochs are both null: "
+                "an episode that never passes would train forever; set one of them"
+            )
         if config.tasks.dimension is not None and config.tasks.dimension not in (0, 1, 2):
             raise ConfigError(f"tasks.dimension {config.tasks.dimension}; valid choices: 0, 1, 2, null")
         after = config.forgetting.after_episodes
@@ -150,5 +152,7 @@ class Config(ExperimentConfig):
                 raise ConfigError(f"forgetting.after_episodes {after} lists an episode twice")
             bad = [e for e in after if not 1 <= e < config.tasks.num_tasks]
             if bad:
-                raise ConfigError(f"forgetting.after_episodes {bad} must be in 1..num_tasks-1 "
-                                  f"({config.tasks.num_tasks - 1}) so that a new task follows each")
+                raise ConfigError(
+                    f"forgetting.after_episodes {bad} must be in 1..num_tasks-1 "
+                    f"({config.tasks.num_tasks - 1}) so that a new task follows each"
+                )

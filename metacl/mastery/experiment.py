@@ -22,10 +22,8 @@ Tables written to the run directory:
 Checkpoints: `last` after every epoch and sub-epoch (resume is exact), `episode-K` at the end of
 episode K.
 """
-from __future__ import annotations
 
-import math
-from pathlib import Path
+from __future__ import annotations
 
 import torch
 
@@ -38,25 +36,13 @@ from .config import Config
 from .epochs import draw_all_pairs, draw_epoch, episode_counts
 from .forgetting import Forgetting
 from .orders import episode_tasks, task_order
+from .tables import EpisodeTables, summarize
 from .training import build, check_finite, evaluate, train_trials
 
 __all__ = ["Config", "run"]
 
 
-def resolve_data_path(config: Config) -> Path:
-    """The configured file as is when it exists; otherwise generate it (or the default file)."""
-    from ..scenes.generate import default_scenes_path, ensure_scenes
-    spec = config.data
-    if spec.path and Path(spec.path).expanduser().is_file():
-        return Path(spec.path).expanduser()
-    path = Path(spec.path).expanduser() if spec.path else default_scenes_path(
-        spec.num_images, seed=spec.generator_seed, height=spec.height, width=spec.width,
-        data_root=config.data_dir)
-    return Path(ensure_scenes(path, spec.num_images, seed=spec.generator_seed, height=spec.height,
-                              width=spec.width, device=config.device, quiet=config.quiet))
-
-
-class Mastery(Forgetting):
+class Mastery(Forgetting, EpisodeTables):
     """State and loop of one run; `state()` is everything a checkpoint needs to resume exactly."""
 
     def __init__(self, config: Config, run, data: scene_data.SceneTensors):
@@ -65,52 +51,60 @@ class Mastery(Forgetting):
         self.sampler = torch_generator(config.seed, "mastery-epochs")
         self.epoch_size = config.train.epoch_size or data.num_train
         if not 0 < self.epoch_size <= data.num_train:
-            raise ConfigError(f"train.epoch_size {self.epoch_size} must be in 1..{data.num_train} "
-                              f"(the training split)")
+            raise ConfigError(f"train.epoch_size {self.epoch_size} must be in 1..{data.num_train} (the training split)")
         self.train_labels = data.train_labels_cpu()
         self.order = task_order(config)
         self.simultaneous = config.tasks.condition == "simultaneous"
-        self.episode = 0            # 0-based episode in progress
-        self.epoch_in_episode = 0   # epochs finished in that episode
+        self.episode = 0  # 0-based episode in progress
+        self.epoch_in_episode = 0  # epochs finished in that episode
         self.global_epoch = 0
         self.cumulative_trials = 0
-        self.first_pass: dict[int, int] = {}         # task -> epoch (in episode) of its first pass
+        self.first_pass: dict[int, int] = {}  # task -> epoch (in episode) of its first pass
         self.first_pass_trials: dict[int, int] = {}  # task -> its trials in the episode by then
         self.times_trained: dict[int, int] = {}
-        self.budget_cut = False     # train.max_total_epochs ended the episodes
+        self.budget_cut = False  # train.max_total_epochs ended the episodes
         self.phase = "episodes"
         # the forgetting experiment: one task per entry of forget_plan (after-episodes E)
         self.forget_plan: list[int] = sorted(config.forgetting.after_episodes)
-        self.forget_index = 0       # entry in progress
+        self.forget_index = 0  # entry in progress
         self.forget_started = False  # its weights are loaded and its sub-epoch 0 test logged
         self.forget_times: dict[int, int] = {}  # times_trained of the baseline at episode E
         self.forget_sampler: torch.Generator | None = None  # the task's own image stream
         self.forget_perm: torch.Tensor | None = None  # permutation of training images in use
         self.forget_pos = 0
         self.subepoch = 0
-        self.forget_steps = 0       # sub-epochs over all forgetting tasks (the tracker's step)
+        self.forget_steps = 0  # sub-epochs over all forgetting tasks (the tracker's step)
         self.forget_subepochs: list[int] = []  # sub-epochs each finished forgetting task ran
 
     # -------------------------------------------------------------------------- checkpoints
     def state(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "sampler": generator_state(self.sampler), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "order": list(self.order), "episode": self.episode,
-                "epoch_in_episode": self.epoch_in_episode, "global_epoch": self.global_epoch,
-                "cumulative_trials": self.cumulative_trials,
-                "first_pass": {int(k): int(v) for k, v in self.first_pass.items()},
-                "first_pass_trials": {int(k): int(v) for k, v in self.first_pass_trials.items()},
-                "times_trained": {int(k): int(v) for k, v in self.times_trained.items()},
-                "budget_cut": self.budget_cut, "phase": self.phase,
-                "forget_plan": list(self.forget_plan), "forget_index": self.forget_index,
-                "forget_started": self.forget_started,
-                "forget_times": {int(k): int(v) for k, v in self.forget_times.items()},
-                "forget_sampler": None if self.forget_sampler is None else
-                generator_state(self.forget_sampler),
-                "forget_perm": self.forget_perm, "forget_pos": self.forget_pos,
-                "subepoch": self.subepoch, "forget_steps": self.forget_steps,
-                "forget_subepochs": list(self.forget_subepochs)}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": generator_state(self.sampler),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "order": list(self.order),
+            "episode": self.episode,
+            "epoch_in_episode": self.epoch_in_episode,
+            "global_epoch": self.global_epoch,
+            "cumulative_trials": self.cumulative_trials,
+            "first_pass": {int(k): int(v) for k, v in self.first_pass.items()},
+            "first_pass_trials": {int(k): int(v) for k, v in self.first_pass_trials.items()},
+            "times_trained": {int(k): int(v) for k, v in self.times_trained.items()},
+            "budget_cut": self.budget_cut,
+            "phase": self.phase,
+            "forget_plan": list(self.forget_plan),
+            "forget_index": self.forget_index,
+            "forget_started": self.forget_started,
+            "forget_times": {int(k): int(v) for k, v in self.forget_times.items()},
+            "forget_sampler": None if self.forget_sampler is None else generator_state(self.forget_sampler),
+            "forget_perm": self.forget_perm,
+            "forget_pos": self.forget_pos,
+            "subepoch": self.subepoch,
+            "forget_steps": self.forget_steps,
+            "forget_subepochs": list(self.forget_subepochs),
+        }
 
     def restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -125,8 +119,7 @@ class Mastery(Forgetting):
         self.global_epoch = int(state["global_epoch"])
         self.cumulative_trials = int(state["cumulative_trials"])
         self.first_pass = {int(k): int(v) for k, v in state["first_pass"].items()}
-        self.first_pass_trials = {int(k): int(v)
-                                  for k, v in state.get("first_pass_trials", {}).items()}
+        self.first_pass_trials = {int(k): int(v) for k, v in state.get("first_pass_trials", {}).items()}
         self.times_trained = {int(k): int(v) for k, v in state["times_trained"].items()}
         self.budget_cut = bool(state.get("budget_cut", False))
         self.phase = state["phase"]
@@ -147,18 +140,39 @@ class Mastery(Forgetting):
     def checkpoint(self, name: str = "last") -> None:
         self.run.save_checkpoint(self.state(), name)
 
-    def train(self, images: torch.Tensor, task_ids: torch.Tensor, tasks: list[int],
-              test_every: int | None = None, test_point=None) -> dict:
+    def train(
+        self,
+        images: torch.Tensor,
+        task_ids: torch.Tensor,
+        tasks: list[int],
+        test_every: int | None = None,
+        test_point=None,
+    ) -> dict:
         """`train_trials` on this run's model (looked up at call time: tests spy on it)."""
-        return train_trials(self.model, self.optimizer, self.data, images, task_ids, tasks,
-                            self.config.train.batch_size, self.run, test_every, test_point)
+        return train_trials(
+            self.model,
+            self.optimizer,
+            self.data,
+            images,
+            task_ids,
+            tasks,
+            self.config.train.batch_size,
+            self.run,
+            test_every,
+            test_point,
+        )
 
     def test(self, tasks: list[int]) -> dict:
         """`evaluate` with this run's test options (looked up at call time: tests script it)."""
         train = self.config.train
-        return evaluate(self.model, self.data, tasks, train.eval_batch_size,
-                        on_train_images=train.legacy_test_on_train_images,
-                        batchnorm_train=train.legacy_batchnorm_train_at_test)
+        return evaluate(
+            self.model,
+            self.data,
+            tasks,
+            train.eval_batch_size,
+            on_train_images=train.legacy_test_on_train_images,
+            batchnorm_train=train.legacy_batchnorm_train_at_test,
+        )
 
     # -------------------------------------------------------------------------- episodes
     @property
@@ -168,18 +182,24 @@ class Mastery(Forgetting):
     def current_tasks(self) -> tuple[list[int], list[int]]:
         """(tasks trained this episode, trials per epoch of each)."""
         train = self.config.train
-        if self.simultaneous:   # every (training image, query) pair once per epoch
+        if self.simultaneous:  # every (training image, query) pair once per epoch
             return list(self.order), [self.epoch_size] * len(self.order)
         new, old = episode_tasks(self.order, self.episode)
-        counts = episode_counts(self.epoch_size, len(old), self.episode + 1, train.new_task_share,
-                                train.curriculum, train.ratio, train.alpha)
+        counts = episode_counts(
+            self.epoch_size,
+            len(old),
+            self.episode + 1,
+            train.new_task_share,
+            train.curriculum,
+            train.ratio,
+            train.alpha,
+        )
         return [new, *old], counts
 
     def draw(self, tasks: list[int], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.simultaneous:
             return draw_all_pairs(self.data.num_train, tasks, counts[0], self.sampler)
-        return draw_epoch(self.train_labels, tasks, counts, self.sampler,
-                          self.config.train.min_minority)
+        return draw_epoch(self.train_labels, tasks, counts, self.sampler, self.config.train.min_minority)
 
     def position(self, task: int) -> int:
         return self.order.index(task) + 1
@@ -208,15 +228,16 @@ class Mastery(Forgetting):
                     self.times_trained[task] = self.times_trained.get(task, 0) + 1
             images, task_ids = self.draw(tasks, counts)
 
-            def test_point(done: int, task_trials: list[int]) -> None:
+            def test_point(done: int, task_trials: list[int], tasks=tasks, counts=counts) -> None:
                 test = self.test(tasks)
                 in_episode = [self.epoch_in_episode * c + n for c, n in zip(counts, task_trials)]
                 for task, acc, trials in zip(tasks, test["acc"], in_episode):
                     self.record_pass(task, acc, self.epoch_in_episode + 1, trials)
                 self.log_test_point(tasks, done, in_episode, test, epoch_end=False)
 
-            stats = self.train(images, task_ids, tasks, train.test_every_trials,
-                               test_point if train.test_every_trials else None)
+            stats = self.train(
+                images, task_ids, tasks, train.test_every_trials, test_point if train.test_every_trials else None
+            )
             check_finite(stats["loss"], f"epoch {self.global_epoch + 1} (episode {self.episode + 1})")
             test = self.test(tasks)
             self.epoch_in_episode += 1
@@ -225,19 +246,19 @@ class Mastery(Forgetting):
             for task, acc, count in zip(tasks, test["acc"], counts):
                 self.record_pass(task, acc, self.epoch_in_episode, self.epoch_in_episode * count)
             if train.test_every_trials:
-                self.log_test_point(tasks, sum(counts),
-                                    [self.epoch_in_episode * c for c in counts], test,
-                                    epoch_end=True)
+                self.log_test_point(
+                    tasks, sum(counts), [self.epoch_in_episode * c for c in counts], test, epoch_end=True
+                )
             self.log_epoch(tasks, counts, stats, test)
             judged = tasks if train.criterion_tasks == "all" or self.simultaneous else tasks[:1]
-            passed = all(acc > train.criterion for task, acc in zip(tasks, test["acc"])
-                         if task in judged)
+            passed = all(acc > train.criterion for task, acc in zip(tasks, test["acc"]) if task in judged)
             cap = train.max_epochs_per_episode
             capped = cap is not None and self.epoch_in_episode >= cap
             if passed or capped:
                 if capped and not passed:
-                    self.run.log.warning("episode %d hit max_epochs_per_episode=%d before the "
-                                         "criterion", self.episode + 1, cap)
+                    self.run.log.warning(
+                        "episode %d hit max_epochs_per_episode=%d before the criterion", self.episode + 1, cap
+                    )
                 self.log_criterion(tasks, counts, passed)
                 self.episode += 1
                 self.epoch_in_episode = 0
@@ -253,81 +274,46 @@ class Mastery(Forgetting):
         """End the episodes where they stand; an episode cut short is recorded as not passed."""
         if self.budget_cut:
             return
-        self.run.log.warning("train.max_total_epochs=%d reached in episode %d: the run ends here",
-                             self.config.train.max_total_epochs, self.episode + 1)
+        self.run.log.warning(
+            "train.max_total_epochs=%d reached in episode %d: the run ends here",
+            self.config.train.max_total_epochs,
+            self.episode + 1,
+        )
         if self.epoch_in_episode > 0:
             self.log_criterion(*self.current_tasks(), passed=False)
         self.budget_cut = True
         self.checkpoint()
 
-    def log_epoch(self, tasks, counts, stats, test) -> None:
-        older = [acc for task, acc in zip(tasks, test["acc"])
-                 if not self.simultaneous and task != tasks[0]]
-        mean_older = sum(older) / len(older) if older else math.nan
-        rows = []
-        for i, task in enumerate(tasks):
-            rows.append({"episode": self.episode + 1, "epoch": self.global_epoch,
-                         "epoch_in_episode": self.epoch_in_episode, "task": task,
-                         "position": self.position(task),
-                         "is_new": bool(i == 0 and not self.simultaneous),
-                         "times_trained": self.times_trained[task], "trials": counts[i],
-                         "train_acc": stats["acc"][i], "train_loss": stats["loss"][i],
-                         "test_acc": test["acc"][i], "test_loss": test["loss"][i],
-                         "mean_older_test_acc": mean_older,
-                         "cumulative_trials": self.cumulative_trials})
-        self.run.table("epochs").append(rows)
-        metrics = {"mastery/episode": self.episode + 1,
-                   "mastery/test_acc/mean_seen": sum(test["acc"]) / len(tasks),
-                   "mastery/test_acc/min_seen": min(test["acc"]),
-                   "mastery/train_loss/mean": sum(stats["loss"]) / len(tasks)}
-        if not self.simultaneous:
-            metrics["mastery/test_acc/new"] = test["acc"][0]
-            metrics["mastery/test_acc/mean_older"] = mean_older
-        self.run.tracker.log(metrics, self.global_epoch)
-
-    def log_test_point(self, tasks, trials_in_epoch: int, task_trials: list[int], test,
-                       epoch_end: bool) -> None:
-        """A row per task of the `tests` table (train.test_every_trials), epoch ends included;
-        `task_trials` counts each task's trials in the episode up to this test."""
-        in_progress = 0 if epoch_end else 1   # mid-epoch: the counters still hold the last epoch
-        done = self.cumulative_trials + (0 if epoch_end else trials_in_epoch)
-        self.run.table("tests").append([
-            {"episode": self.episode + 1, "epoch": self.global_epoch + in_progress,
-             "epoch_in_episode": self.epoch_in_episode + in_progress,
-             "trials_in_epoch": trials_in_epoch, "epoch_end": epoch_end, "task": task,
-             "is_new": bool(i == 0 and not self.simultaneous), "task_trials": task_trials[i],
-             "cumulative_trials": done, "test_acc": test["acc"][i], "test_loss": test["loss"][i]}
-            for i, task in enumerate(tasks)])
-
-    def log_criterion(self, tasks, counts, passed: bool) -> None:
-        rows = []
-        for i, task in enumerate(tasks):
-            epochs = self.first_pass.get(task)
-            trials = None if epochs is None else self.first_pass_trials.get(task, epochs * counts[i])
-            rows.append({"episode": self.episode + 1, "task": task, "position": self.position(task),
-                         "is_new": bool(i == 0 and not self.simultaneous),
-                         "times_trained": self.times_trained[task], "trials_per_epoch": counts[i],
-                         "epochs_to_criterion": math.nan if epochs is None else epochs,
-                         "trials_to_criterion": math.nan if trials is None else trials,
-                         "reached": epochs is not None, "episode_passed": passed,
-                         "episode_epochs": self.epoch_in_episode})
-        self.run.table("criterion").append(rows)
-
 
 def run(config: Config, run) -> dict:
     train = config.train
     if train.legacy_test_on_train_images or train.legacy_batchnorm_train_at_test:
-        run.log.warning("legacy test switches on (the reference's bugs): test on training images "
-                        "%s, BatchNorm in training mode at test %s",
-                        train.legacy_test_on_train_images, train.legacy_batchnorm_train_at_test)
-    path = resolve_data_path(config)
+        run.log.warning(
+            "legacy test switches on (the reference's bugs): test on training images "
+            "%s, BatchNorm in training mode at test %s",
+            train.legacy_test_on_train_images,
+            train.legacy_batchnorm_train_at_test,
+        )
+    path = scene_data.resolve_path(config)
     data = scene_data.load(path, config.data.test_fraction, run.device)
-    run.check_data({"path": str(path.resolve()), "images": data.num_images,
-                    "image_size": list(data.image_size), "num_train": data.num_train,
-                    "content": tensor_digest(data.images, data.labels)})
-    run.log.info("data %s: %d train + %d held-out test images of %dx%d on %s", path,
-                 data.num_train, data.num_test, *data.image_size, data.device)
-    if run.device.type == "cpu":   # after loading: the data's own temporaries go back to the OS
+    run.check_data(
+        {
+            "path": str(path.resolve()),
+            "images": data.num_images,
+            "image_size": list(data.image_size),
+            "num_train": data.num_train,
+            "content": tensor_digest(data.images, data.labels),
+        }
+    )
+    run.log.info(
+        "data %s: %d train + %d held-out test images of %dx%d on %s",
+        path,
+        data.num_train,
+        data.num_test,
+        *data.image_size,
+        data.device,
+    )
+    if run.device.type == "cpu":  # after loading: the data's own temporaries go back to the OS
         run.log.info("allocator: %s", tune_malloc().detail)
     mastery = Mastery(config, run, data)
     plan = mastery.forget_plan
@@ -336,8 +322,12 @@ def run(config: Config, run) -> dict:
         mastery.restore(state)
     elif plan and config.forgetting.source_run:
         mastery.use_source_run()
-    run.log.info("model %s: %d parameters; order %s", config.model.name,
-                 sum(p.numel() for p in mastery.model.parameters()), mastery.order)
+    run.log.info(
+        "model %s: %d parameters; order %s",
+        config.model.name,
+        sum(p.numel() for p in mastery.model.parameters()),
+        mastery.order,
+    )
     if mastery.phase == "episodes":
         mastery.run_episodes(max(plan) if plan else mastery.num_episodes)
         if plan:
@@ -346,20 +336,3 @@ def run(config: Config, run) -> dict:
         mastery.run_forgetting()
     run.flush()
     return summarize(run, mastery)
-
-
-def summarize(run, mastery: Mastery) -> dict:
-    criterion = run.table("criterion").frame()
-    final = {"episodes": mastery.episode, "epochs": mastery.global_epoch,
-             "cumulative_trials": mastery.cumulative_trials, "order": list(mastery.order)}
-    if len(criterion):
-        new = criterion[criterion["is_new"]] if not mastery.simultaneous else criterion
-        final["new_task_trials"] = [None if math.isnan(v) else int(v)
-                                    for v in new["trials_to_criterion"]]
-        final["all_reached"] = bool(criterion["reached"].all())
-    if mastery.budget_cut:
-        final["budget_exhausted"] = True
-    if mastery.forget_subepochs:
-        final["forgetting_after"] = list(mastery.forget_plan)
-        final["forgetting_subepochs"] = list(mastery.forget_subepochs)
-    return final

@@ -8,6 +8,7 @@ rows (first-order carry-over balance). Shuffling its rows or relabelling its sym
 balance; shuffling its columns, as the reference did, breaks it, so `williams_order` relabels
 and `legacy_order` reproduces the reference exactly.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -57,8 +58,7 @@ def williams_order(dimension: int, index: int, square_seed: int) -> list[int]:
 def legacy_square(square_seed: int) -> np.ndarray:
     """The reference's square (values 1..10): rows shuffled, then columns, by RandomState(seed)."""
     first = np.array(REFERENCE_FIRST_ROW)
-    square = np.stack([(first - 1 + i) % FEATURES_PER_DIMENSION + 1
-                       for i in range(FEATURES_PER_DIMENSION)])
+    square = np.stack([(first - 1 + i) % FEATURES_PER_DIMENSION + 1 for i in range(FEATURES_PER_DIMENSION)])
     rs = np.random.RandomState(square_seed)
     rs.shuffle(square)
     rs.shuffle(square.T)
@@ -113,8 +113,10 @@ def legacy_heterogeneous_order(num_tasks: int, seed: int) -> list[int]:
     rs = np.random.RandomState(seed)
     per_row = -(-num_tasks // NUM_DIMENSIONS)
     rows = [rs.choice(FEATURES_PER_DIMENSION, per_row, replace=True) for _ in range(NUM_DIMENSIONS)]
-    return [int(rows[j % NUM_DIMENSIONS][j // NUM_DIMENSIONS])
-            + FEATURES_PER_DIMENSION * dimensions[j % NUM_DIMENSIONS] for j in range(num_tasks)]
+    return [
+        int(rows[j % NUM_DIMENSIONS][j // NUM_DIMENSIONS]) + FEATURES_PER_DIMENSION * dimensions[j % NUM_DIMENSIONS]
+        for j in range(num_tasks)
+    ]
 
 
 def carryover_counts(rows: list[list[int]] | np.ndarray) -> dict[tuple[int, int], int]:
@@ -137,8 +139,7 @@ def task_order(config: Config) -> list[int]:
         order = heterogeneous_order(tasks.num_tasks, config.seed, tasks.with_replacement)
     elif tasks.order == "explicit":
         if not tasks.explicit or any(t not in range(NUM_FEATURES) for t in tasks.explicit):
-            raise ConfigError(f"tasks.explicit must list feature ids in 0..{NUM_FEATURES - 1}, "
-                              f"got {tasks.explicit}")
+            raise ConfigError(f"tasks.explicit must list feature ids in 0..{NUM_FEATURES - 1}, got {tasks.explicit}")
         order = list(tasks.explicit)
     else:
         if tasks.dimension is None:
@@ -148,7 +149,7 @@ def task_order(config: Config) -> list[int]:
         order = build(tasks.dimension, index, tasks.square_seed)
     if not 1 <= tasks.num_tasks <= len(order):
         raise ConfigError(f"tasks.num_tasks {tasks.num_tasks} must be in 1..{len(order)}")
-    return order[:tasks.num_tasks]
+    return order[: tasks.num_tasks]
 
 
 def episode_tasks(order: list[int], episode: int) -> tuple[int, list[int]]:

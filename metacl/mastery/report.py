@@ -4,6 +4,7 @@ Trials to criterion are aggregated across runs by geometric mean (they are ratio
 roughly log-normal). The learning curve is fitted as a power law, log10 trials = a + b log10
 episode, by least squares over every run's new-task points, with a t-based 95% CI on the slope.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,6 +19,7 @@ from ..core import atomic
 from ..core.errors import DataError
 from ..core.plots import pyplot, save_figure
 from ..core.stats import t_quantile
+
 
 @dataclass
 class PowerLaw:
@@ -47,15 +49,16 @@ def fit_power_law(points: pd.DataFrame, from_episode: int = 1) -> PowerLaw | Non
     slope, intercept = np.polyfit(x, y, 1)
     residuals = y - (intercept + slope * x)
     total = ((y - y.mean()) ** 2).sum()
-    r_squared = 1 - (residuals ** 2).sum() / total if total > 0 else 1.0
+    r_squared = 1 - (residuals**2).sum() / total if total > 0 else 1.0
     dof = len(x) - 2
     if dof > 0:
-        stderr = math.sqrt((residuals ** 2).sum() / dof / ((x - x.mean()) ** 2).sum())
+        stderr = math.sqrt((residuals**2).sum() / dof / ((x - x.mean()) ** 2).sum())
         half = t_quantile(0.95, dof) * stderr
     else:
         half = math.nan
-    return PowerLaw(float(slope), float(intercept), float(slope - half), float(slope + half),
-                    float(r_squared), len(x), from_episode)
+    return PowerLaw(
+        float(slope), float(intercept), float(slope - half), float(slope + half), float(r_squared), len(x), from_episode
+    )
 
 
 def read_runs(run_dirs: list[str | Path]) -> dict[str, pd.DataFrame]:
@@ -71,8 +74,12 @@ def read_runs(run_dirs: list[str | Path]) -> dict[str, pd.DataFrame]:
             raise DataError(f"{run_dir} is a {config.get('experiment')!r} run, not a mastery run")
         name = run_dir.name if run_dir.name not in names else str(run_dir)
         names.add(name)
-        tags = {"run": name, "condition": config["tasks"]["condition"],
-                "model": config["model"]["name"], "seed": config["seed"]}
+        tags = {
+            "run": name,
+            "condition": config["tasks"]["condition"],
+            "model": config["model"]["name"],
+            "seed": config["seed"],
+        }
         found = False
         for table in frames:
             path = run_dir / f"{table}.parquet"
@@ -83,27 +90,27 @@ def read_runs(run_dirs: list[str | Path]) -> dict[str, pd.DataFrame]:
                     frames[table].append(frame.assign(**tags))
         if not found:
             raise DataError(f"{run_dir} has no mastery tables yet (has it run an epoch?)")
-    return {table: pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-            for table, parts in frames.items()}
+    return {table: pd.concat(parts, ignore_index=True) if parts else pd.DataFrame() for table, parts in frames.items()}
 
 
 def new_task_trials(criterion: pd.DataFrame) -> pd.DataFrame:
     new = criterion[criterion["is_new"]]
-    return (new.groupby("episode")["trials_to_criterion"]
-            .agg(runs="count", geomean=geomean, min="min", max="max").reset_index())
+    return (
+        new.groupby("episode")["trials_to_criterion"]
+        .agg(runs="count", geomean=geomean, min="min", max="max")
+        .reset_index()
+    )
 
 
 def relearning_trials(criterion: pd.DataFrame) -> pd.DataFrame:
     seq = criterion[criterion["condition"] != "simultaneous"]
-    return (seq.groupby("times_trained")["trials_to_criterion"]
-            .agg(points="count", geomean=geomean).reset_index())
+    return seq.groupby("times_trained")["trials_to_criterion"].agg(points="count", geomean=geomean).reset_index()
 
 
 def forgetting_curves(forgetting: pd.DataFrame) -> pd.DataFrame:
     """Mean test accuracy by times trained and trials of the new task alone (trials 0: the test
     before the first sub-epoch), over every forgetting task of every run."""
-    return (forgetting.groupby(["times_trained", "trials"])["test_acc"]
-            .mean().reset_index())
+    return forgetting.groupby(["times_trained", "trials"])["test_acc"].mean().reset_index()
 
 
 def forgetting_ends(forgetting: pd.DataFrame) -> pd.DataFrame:
@@ -113,16 +120,24 @@ def forgetting_ends(forgetting: pd.DataFrame) -> pd.DataFrame:
     last = forgetting["subepoch"] == forgetting.groupby(keys)["subepoch"].transform("max")
     before = forgetting[forgetting["subepoch"] == 0].groupby("times_trained")["test_acc"].mean()
     end = forgetting[last].groupby("times_trained")["test_acc"].agg(["mean", "count"])
-    return pd.DataFrame({"times_trained": end.index, "before": before.reindex(end.index).values,
-                         "end": end["mean"].values, "points": end["count"].values})
+    return pd.DataFrame(
+        {
+            "times_trained": end.index,
+            "before": before.reindex(end.index).values,
+            "end": end["mean"].values,
+            "points": end["count"].values,
+        }
+    )
 
 
 def forgetting_tasks(forgetting: pd.DataFrame) -> pd.DataFrame:
     """One row per forgetting task: sub-epochs it ran and the new task's final test accuracy."""
     new = forgetting[forgetting["is_new"]].sort_values("subepoch")
-    return (new.groupby(["run", "after_episode"])
-            .agg(subepochs=("subepoch", "max"), trials=("trials", "max"),
-                 new_task_acc=("test_acc", "last")).reset_index())
+    return (
+        new.groupby(["run", "after_episode"])
+        .agg(subepochs=("subepoch", "max"), trials=("trials", "max"), new_task_acc=("test_acc", "last"))
+        .reset_index()
+    )
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path, fit_from: int = 2) -> Path:
@@ -155,8 +170,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, fit_from: int 
 
     plots = []
     if len(criterion) and criterion["is_new"].any():
-        plots.append(_plot_trials(plt, criterion, written["new_task_trials"], fit,
-                                  out / "trials_to_criterion.png"))
+        plots.append(_plot_trials(plt, criterion, written["new_task_trials"], fit, out / "trials_to_criterion.png"))
         plots.append(_plot_relearning(plt, criterion, out / "relearning.png"))
     if len(epochs):
         plots.append(_plot_accuracy(plt, epochs, out / "accuracy_curves.png"))
@@ -174,19 +188,32 @@ def _plot_trials(plt, criterion, per_episode, fit, path):
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for _, run in criterion[criterion["is_new"]].groupby("run"):
         ax.plot(run["episode"], run["trials_to_criterion"], color="0.75", lw=0.8, marker=".")
-    ax.plot(per_episode["episode"], per_episode["geomean"], "o-", color="C0",
-            label="new task (geometric mean)")
+    ax.plot(per_episode["episode"], per_episode["geomean"], "o-", color="C0", label="new task (geometric mean)")
     old = criterion[~criterion["is_new"]]
     if len(old):
         old_mean = old.groupby("episode")["trials_to_criterion"].agg(geomean).reset_index()
-        ax.plot(old_mean["episode"], old_mean["trials_to_criterion"], "s--", color="C1",
-                label="earlier tasks (geometric mean)")
+        ax.plot(
+            old_mean["episode"],
+            old_mean["trials_to_criterion"],
+            "s--",
+            color="C1",
+            label="earlier tasks (geometric mean)",
+        )
     if fit is not None:
         xs = np.arange(fit.from_episode, per_episode["episode"].max() + 1)
-        ax.plot(xs, 10 ** (fit.intercept + fit.slope * np.log10(xs)), color="C3",
-                label=f"fit: slope {fit.slope:.2f} [{fit.slope_ci_low:.2f}, {fit.slope_ci_high:.2f}]")
-    ax.set(xscale="log", yscale="log", xlabel="episode (number of tasks)",
-           ylabel="trials to criterion", title="Trials to criterion")
+        ax.plot(
+            xs,
+            10 ** (fit.intercept + fit.slope * np.log10(xs)),
+            color="C3",
+            label=f"fit: slope {fit.slope:.2f} [{fit.slope_ci_low:.2f}, {fit.slope_ci_high:.2f}]",
+        )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="episode (number of tasks)",
+        ylabel="trials to criterion",
+        title="Trials to criterion",
+    )
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -197,8 +224,13 @@ def _plot_relearning(plt, criterion, path):
     for episode, group in seq.groupby("episode"):
         line = group.groupby("times_trained")["trials_to_criterion"].agg(geomean)
         ax.plot(line.index, line.values, marker="o", lw=1, label=f"episode {episode}")
-    ax.set(xscale="log", yscale="log", xlabel="times trained (including this episode)",
-           ylabel="trials to criterion", title="Learning and relearning")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="times trained (including this episode)",
+        ylabel="trials to criterion",
+        title="Learning and relearning",
+    )
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
 
@@ -209,8 +241,12 @@ def _plot_accuracy(plt, epochs, path):
     for ax, name in zip(axes[:, 0], runs):
         run = epochs[epochs["run"] == name]
         for task, group in run.groupby("task"):
-            ax.plot(group["cumulative_trials"], group["test_acc"], lw=1,
-                    label=f"task {task} (pos {int(group['position'].iloc[0])})")
+            ax.plot(
+                group["cumulative_trials"],
+                group["test_acc"],
+                lw=1,
+                label=f"task {task} (pos {int(group['position'].iloc[0])})",
+            )
         ax.axhline(0.95, color="0.5", ls=":", lw=0.8)
         ax.set(xlabel="cumulative trials", ylabel="test accuracy", title=name, ylim=(0.4, 1.01))
         ax.legend(fontsize=6, ncol=5, loc="lower right")
@@ -223,8 +259,7 @@ def _plot_forgetting(plt, curves, path):
     for times, group in curves.groupby("times_trained"):
         label = "new task" if times == 0 else f"trained {times}x"
         ax.plot(group["trials"], group["test_acc"], lw=1.2, label=label)
-    ax.set(xlabel="trials of the new task alone", ylabel="test accuracy",
-           title="Forgetting by times trained")
+    ax.set(xlabel="trials of the new task alone", ylabel="test accuracy", title="Forgetting by times trained")
     ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -233,36 +268,55 @@ def _summary(run_dirs, written, fit, plots) -> str:
     lines = ["# Sequential-mastery report", "", f"Runs: {len(run_dirs)}", ""]
     per_episode = written.get("new_task_trials")
     if per_episode is not None and len(per_episode):
-        lines += ["## New-task trials to criterion (geometric mean over runs)", "",
-                  "| episode | runs | geometric mean | min | max |", "|---|---|---|---|---|"]
+        lines += [
+            "## New-task trials to criterion (geometric mean over runs)",
+            "",
+            "| episode | runs | geometric mean | min | max |",
+            "|---|---|---|---|---|",
+        ]
         for row in per_episode.itertuples():
-            lines.append(f"| {row.episode} | {row.runs} | {row.geomean:.0f} | {row.min:.0f} | "
-                         f"{row.max:.0f} |")
+            lines.append(f"| {row.episode} | {row.runs} | {row.geomean:.0f} | {row.min:.0f} | {row.max:.0f} |")
         lines.append("")
         if fit is not None:
-            lines += [f"Power-law fit from episode {fit.from_episode} ({fit.points} points): "
-                      f"log10 trials = {fit.intercept:.3f} {fit.slope:+.3f} log10 episode, "
-                      f"slope 95% CI [{fit.slope_ci_low:.3f}, {fit.slope_ci_high:.3f}], "
-                      f"R^2 {fit.r_squared:.3f}. "
-                      + ("New tasks get faster to learn (negative slope)." if fit.slope_ci_high < 0
-                         else "The CI does not exclude a flat or rising curve."), ""]
+            lines += [
+                f"Power-law fit from episode {fit.from_episode} ({fit.points} points): "
+                f"log10 trials = {fit.intercept:.3f} {fit.slope:+.3f} log10 episode, "
+                f"slope 95% CI [{fit.slope_ci_low:.3f}, {fit.slope_ci_high:.3f}], "
+                f"R^2 {fit.r_squared:.3f}. "
+                + (
+                    "New tasks get faster to learn (negative slope)."
+                    if fit.slope_ci_high < 0
+                    else "The CI does not exclude a flat or rising curve."
+                ),
+                "",
+            ]
     criterion = written.get("criterion")
     if criterion is not None and len(criterion):
         missed = criterion[~criterion["reached"]]
-        lines += [f"Episodes x tasks that never reached criterion: {len(missed)} of "
-                  f"{len(criterion)}.", ""]
+        lines += [f"Episodes x tasks that never reached criterion: {len(missed)} of {len(criterion)}.", ""]
     ends = written.get("forgetting_ends")
     if ends is not None and len(ends):
         tasks = written["forgetting_tasks"]
-        lines += ["## Forgetting", "",
-                  f"{len(tasks)} forgetting tasks (after episodes "
-                  f"{', '.join(str(int(e)) for e in sorted(tasks['after_episode'].unique()))}); "
-                  f"mean test accuracy by times trained (0 = the new task), before the first "
-                  f"sub-epoch and at each task's last:", "",
-                  "| times trained | before | at the end | points |", "|---|---|---|---|"]
-        lines += [f"| {int(r.times_trained)} | {r.before:.3f} | {r.end:.3f} | {int(r.points)} |"
-                  for r in ends.itertuples()]
+        lines += [
+            "## Forgetting",
+            "",
+            f"{len(tasks)} forgetting tasks (after episodes "
+            f"{', '.join(str(int(e)) for e in sorted(tasks['after_episode'].unique()))}); "
+            f"mean test accuracy by times trained (0 = the new task), before the first "
+            f"sub-epoch and at each task's last:",
+            "",
+            "| times trained | before | at the end | points |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {int(r.times_trained)} | {r.before:.3f} | {r.end:.3f} | {int(r.points)} |" for r in ends.itertuples()
+        ]
         lines.append("")
-    lines += ["## Files", "", *[f"- {name}.csv" for name, f in written.items() if len(f)],
-              *[f"- {p}" for p in plots], ""]
+    lines += [
+        "## Files",
+        "",
+        *[f"- {name}.csv" for name, f in written.items() if len(f)],
+        *[f"- {p}" for p in plots],
+        "",
+    ]
     return "\n".join(lines)

@@ -1,4 +1,5 @@
 """One pass of training trials, the held-out test, the model and its optimiser."""
+
 from __future__ import annotations
 
 import math
@@ -19,9 +20,18 @@ def one_hot(tasks: torch.Tensor) -> torch.Tensor:
     return F.one_hot(tasks, NUM_QUERIES).float()
 
 
-def train_trials(model, optimizer, data: scene_data.SceneTensors, images: torch.Tensor,
-                 task_ids: torch.Tensor, tasks: list[int], batch_size: int, run,
-                 test_every: int | None = None, on_test=None) -> dict:
+def train_trials(
+    model,
+    optimizer,
+    data: scene_data.SceneTensors,
+    images: torch.Tensor,
+    task_ids: torch.Tensor,
+    tasks: list[int],
+    batch_size: int,
+    run,
+    test_every: int | None = None,
+    on_test=None,
+) -> dict:
     """One pass over (image, task) trials; returns each task's mean train loss and accuracy.
 
     With `test_every`, `on_test(trials_done, task_trials)` is called after every batch that
@@ -39,9 +49,8 @@ def train_trials(model, optimizer, data: scene_data.SceneTensors, images: torch.
     model.train()
     for start in range(0, total, batch_size):
         if run.stop_requested:
-            raise RunInterrupted("stopped mid-epoch; the last epoch checkpoint is intact, "
-                                 "resume with --resume")
-        index, task = images[start:start + batch_size], task_ids[start:start + batch_size]
+            raise RunInterrupted("stopped mid-epoch; the last epoch checkpoint is intact, resume with --resume")
+        index, task = images[start : start + batch_size], task_ids[start : start + batch_size]
         target = data.labels[index, task].long()
         logits = model(data.batch(index), one_hot(task))
         losses = F.cross_entropy(logits, target, reduction="none")
@@ -61,8 +70,7 @@ def train_trials(model, optimizer, data: scene_data.SceneTensors, images: torch.
     return {"loss": (loss_sum.cpu() / count).tolist(), "acc": (correct.cpu() / count).tolist()}
 
 
-def evaluation_rows(data: scene_data.SceneTensors,
-                    on_train_images: bool = False) -> tuple[int, int]:
+def evaluation_rows(data: scene_data.SceneTensors, on_train_images: bool = False) -> tuple[int, int]:
     """[start, stop) rows the test pass uses: the held-out images, or with the reference's bug
     (`on_train_images`) the first num_test rows of the training range."""
     if on_train_images:
@@ -71,8 +79,15 @@ def evaluation_rows(data: scene_data.SceneTensors,
 
 
 @torch.no_grad()
-def evaluate(model, data: scene_data.SceneTensors, tasks: list[int], batch_size: int, *,
-             on_train_images: bool = False, batchnorm_train: bool = False) -> dict:
+def evaluate(
+    model,
+    data: scene_data.SceneTensors,
+    tasks: list[int],
+    batch_size: int,
+    *,
+    on_train_images: bool = False,
+    batchnorm_train: bool = False,
+) -> dict:
     """Test accuracy and loss of every task in `tasks` on all held-out images, BatchNorm in eval
     mode. The reference's bugs, for comparison: `on_train_images` tests on the first num_test
     training images instead; `batchnorm_train` keeps BatchNorm in training mode (batch
@@ -101,19 +116,21 @@ def evaluate(model, data: scene_data.SceneTensors, tasks: list[int], batch_size:
                 correct[i] += (logits.argmax(1) == target).sum()
     finally:
         model.train(was_training)
-    return {"loss": (loss_sum.cpu() / (stop - first)).tolist(),
-            "acc": (correct.cpu() / (stop - first)).tolist()}
+    return {"loss": (loss_sum.cpu() / (stop - first)).tolist(), "acc": (correct.cpu() / (stop - first)).tolist()}
 
 
 def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.Adam(model.parameters(), lr=config.train.lr,
-                            weight_decay=config.train.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
 
 
 def build(config: Config, data: scene_data.SceneTensors, device: torch.device):
-    spec = {"name": config.model.name, "channels": list(config.model.channels),
-            "hidden": list(config.model.hidden), "image_size": list(data.image_size),
-            "dropout": config.model.dropout}
+    spec = {
+        "name": config.model.name,
+        "channels": list(config.model.channels),
+        "hidden": list(config.model.hidden),
+        "image_size": list(data.image_size),
+        "dropout": config.model.dropout,
+    }
     if config.model.name == "query-modulated":
         spec["levels"] = list(config.model.levels)
     if config.model.name == "task-conditional":
@@ -130,5 +147,4 @@ def build(config: Config, data: scene_data.SceneTensors, device: torch.device):
 def check_finite(losses: list[float], where: str) -> None:
     """Stop a run whose training loss is NaN or infinite (its last checkpoint stays finite)."""
     if not all(math.isfinite(loss) for loss in losses):
-        raise RunDiverged(f"the training loss became {losses} at {where}; lower train.lr or "
-                          f"check the data")
+        raise RunDiverged(f"the training loss became {losses} at {where}; lower train.lr or check the data")

@@ -1,4 +1,5 @@
 """`metacl meta train|eval|report`: continual meta-learning (ANML, OML) on Omniglot."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,24 +17,33 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     train.set_defaults(handler=lambda args: launch(args, "meta-train", args.config, args.overrides))
 
     evaluate = sub.add_parser("eval", help="meta-test a checkpoint: LR x runs x class-count sweeps")
-    evaluate.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR",
-                          help="a model checkpoint (.pt) or a meta-train run directory")
+    evaluate.add_argument(
+        "checkpoint", metavar="CHECKPOINT|RUN_DIR", help="a model checkpoint (.pt) or a meta-train run directory"
+    )
     # REMAINDER, re-parsed intermixed in _evaluate, so options may also follow the overrides
-    evaluate.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value",
-                          help="dotted overrides, e.g. protocol.classes=[10,600] protocol.runs=3")
+    evaluate.add_argument(
+        "overrides",
+        nargs=argparse.REMAINDER,
+        metavar="key=value",
+        help="dotted overrides, e.g. protocol.classes=[10,600] protocol.runs=3",
+    )
     _eval_options(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
     report = sub.add_parser("report", help="summarise meta-eval results: tables, plots, markdown")
-    report.add_argument("results", nargs="+", metavar="RESULTS",
-                        help="meta-eval run directories or their results.parquet files")
+    report.add_argument(
+        "results", nargs="+", metavar="RESULTS", help="meta-eval run directories or their results.parquet files"
+    )
     report.add_argument("--out", required=True, metavar="DIR", help="folder for the report files")
     report.set_defaults(handler=_report)
 
 
 def _eval_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="meta-eval config (configs/meta/eval/); "
-                        "default: the ANML protocol with the reference sweep")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="meta-eval config (configs/meta/eval/); default: the ANML protocol with the reference sweep",
+    )
     add_mode_arguments(parser)
 
 
@@ -52,6 +62,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from .eval.report import write_report
+
     files = write_report(args.results, args.out)
     print("\n".join(f"{name}: {path}" for name, path in files.items()))
     return 0

@@ -4,6 +4,7 @@ ANML = RLN (representation) gated by NM (neuromodulation): encode(x) = rln(x) * 
 Parameter prefixes: `rln.`, `nm.` (ANML only), `fc.`. At 28 px the RLN's last block is unpooled
 (26 -> 13 -> 11 -> 5 -> 3: 256 * 3 * 3 = 2304 features).
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,17 +16,25 @@ from .registry import register_model
 
 def anml_trunk(in_channels: int, channels: int, pool_last: bool) -> nn.Sequential:
     """3 blocks of [3x3 conv pad 0; InstanceNorm (affine); ReLU; 2x2 max-pool]."""
-    return nn.Sequential(conv_block(in_channels, channels, norm="in"),
-                         conv_block(channels, channels, norm="in"),
-                         conv_block(channels, channels, norm="in", pool=2 if pool_last else 0))
+    return nn.Sequential(
+        conv_block(in_channels, channels, norm="in"),
+        conv_block(channels, channels, norm="in"),
+        conv_block(channels, channels, norm="in", pool=2 if pool_last else 0),
+    )
 
 
 @register_model("sanml")
 class SANML(EncoderClassifier):
     """The ANML RLN and head without neuromodulation (about 3.49M parameters at 28 px)."""
 
-    def __init__(self, num_classes: int = 1000, in_channels: int = 1, image_size: int = 28,
-                 rln_channels: int = 256, pool_rln_output: bool = False):
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        in_channels: int = 1,
+        image_size: int = 28,
+        rln_channels: int = 256,
+        pool_rln_output: bool = False,
+    ):
         super().__init__()
         self.rln = anml_trunk(in_channels, rln_channels, pool_rln_output)
         kaiming_init_(self.rln)
@@ -51,22 +60,27 @@ class ANML(SANML):
     modulation_prefixes = ("nm.",)
     """Parameters the mask depends on (the meta-trainer precomputes masks when none is adapted)."""
 
-    def __init__(self, num_classes: int = 1000, in_channels: int = 1, image_size: int = 28,
-                 rln_channels: int = 256, nm_channels: int = 112, pool_rln_output: bool = False,
-                 nm_pool_output: bool = True):
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        in_channels: int = 1,
+        image_size: int = 28,
+        rln_channels: int = 256,
+        nm_channels: int = 112,
+        pool_rln_output: bool = False,
+        nm_pool_output: bool = True,
+    ):
         super().__init__(num_classes, in_channels, image_size, rln_channels, pool_rln_output)
         trunk = anml_trunk(in_channels, nm_channels, nm_pool_output)
         kaiming_init_(trunk)
-        self.nm = nn.Sequential(trunk, nn.Flatten(),
-                                nn.Linear(output_size(trunk, in_channels, image_size),
-                                          self.feature_dim),
-                                nn.Sigmoid())
+        self.nm = nn.Sequential(
+            trunk, nn.Flatten(), nn.Linear(output_size(trunk, in_channels, image_size), self.feature_dim), nn.Sigmoid()
+        )
 
     def encode(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.rln(x).flatten(1) * (self.nm(x) if mask is None else mask)
 
-    def forward(self, x: torch.Tensor, stage: str = "logits",
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stage: str = "logits", mask: torch.Tensor | None = None) -> torch.Tensor:
         if stage == "mask":
             return self.nm(x)
         if stage == "logits":

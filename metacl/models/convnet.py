@@ -6,10 +6,12 @@ Every meta model is an `EncoderClassifier`: `encode(x) -> (B, D)` is the represe
 `torch.func.functional_call` can run just the encoder or just the head with a given parameter
 dict (the meta-trainer encodes an episode once when the inner loop only adapts the head).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -56,15 +58,22 @@ class InstanceNorm(nn.InstanceNorm2d):
         return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
 
 
-def conv_block(in_channels: int, out_channels: int, *, norm: str | None = "in", pool: int = 2,
-               padding: int = 0, stride: int = 1, num_groups: int = 8) -> nn.Sequential:
+def conv_block(
+    in_channels: int,
+    out_channels: int,
+    *,
+    norm: str | None = "in",
+    pool: int = 2,
+    padding: int = 0,
+    stride: int = 1,
+    num_groups: int = 8,
+) -> nn.Sequential:
     """[3x3 conv; norm; ReLU; max-pool] with norm in (None, bn, gn, in) and pool 0 for none.
 
     The max-pool runs before the ReLU: the two commute exactly (values and gradients), and
     pooling first makes the ReLU four times cheaper.
     """
-    layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, 3, stride=stride,
-                                         padding=padding)]
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=padding)]
     if norm == "in":
         layers.append(InstanceNorm(out_channels, affine=True))
     elif norm == "bn":
@@ -111,19 +120,28 @@ class ConvNet(EncoderClassifier):
     linear, MLP or cosine head. Its `fc` is the final linear layer (for the cosine head, the
     bias-free class rows that logits compare `z` with)."""
 
-    def __init__(self, num_classes: int = 1000, in_channels: int = 1, image_size: int = 28,
-                 num_blocks: int = 4, num_filters: int | list[int] = 64, padding: int = 1,
-                 stride: int | list[int] = 1, norm: str | None = "bn",
-                 pool: int | list[int] | None = 2, head: str = "linear",
-                 hidden: list[int] | None = None, cosine_scale: float = 10.0):
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        in_channels: int = 1,
+        image_size: int = 28,
+        num_blocks: int = 4,
+        num_filters: int | list[int] = 64,
+        padding: int = 1,
+        stride: int | list[int] = 1,
+        norm: str | None = "bn",
+        pool: int | list[int] | None = 2,
+        head: str = "linear",
+        hidden: list[int] | None = None,
+        cosine_scale: float = 10.0,
+    ):
         super().__init__()
         filters = _per_block(num_filters, num_blocks, "num_filters")
         strides = _per_block(stride, num_blocks, "stride")
         pools = _per_block(pool, num_blocks, "pool")
         blocks, channels = [], in_channels
         for width, step, pool_size in zip(filters, strides, pools):
-            blocks.append(conv_block(channels, width, norm=norm, pool=pool_size, padding=padding,
-                                     stride=step))
+            blocks.append(conv_block(channels, width, norm=norm, pool=pool_size, padding=padding, stride=step))
             channels = width
         self.encoder = nn.Sequential(*blocks)
         kaiming_init_(self.encoder)
@@ -134,8 +152,7 @@ class ConvNet(EncoderClassifier):
             self.head_prefixes = ("fc.",)
         elif head == "mlp":
             sizes = [self.feature_dim, *(hidden or [1024])]
-            self.hidden = nn.Sequential(*[m for a, b in zip(sizes, sizes[1:])
-                                          for m in (nn.Linear(a, b), nn.ReLU())])
+            self.hidden = nn.Sequential(*[m for a, b in zip(sizes, sizes[1:]) for m in (nn.Linear(a, b), nn.ReLU())])
             self.fc = nn.Linear(sizes[-1], num_classes)
             self.head_prefixes = ("hidden.", "fc.")
         elif head == "cosine":

@@ -14,9 +14,11 @@ Every model maps an image batch (B, 3, H, W) and a one-hot query (B, num_queries
 In cnn-mlp the conv features do not depend on the query, so `query_dependent_features` is False
 and testing many tasks on the same images computes the features once (`features` + `head`).
 """
+
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -50,20 +52,23 @@ class CnnMlp(nn.Module):
 
     query_dependent_features = False
 
-    def __init__(self, channels: Sequence[int] = (16, 32, 48, 64),
-                 hidden: Sequence[int] = (512, 512, 512, 512), image_size: Sequence[int] = (120, 160),
-                 num_queries: int = NUM_QUERIES, dropout: bool = False):
+    def __init__(
+        self,
+        channels: Sequence[int] = (16, 32, 48, 64),
+        hidden: Sequence[int] = (512, 512, 512, 512),
+        image_size: Sequence[int] = (120, 160),
+        num_queries: int = NUM_QUERIES,
+        dropout: bool = False,
+    ):
         super().__init__()
         if not channels:
             raise ValueError("channels must list at least one conv width")
         height, width = image_size
         if height >> len(channels) < 1 or width >> len(channels) < 1:
-            raise ValueError(f"image_size {tuple(image_size)} is too small for {len(channels)} "
-                             f"2x2 poolings")
+            raise ValueError(f"image_size {tuple(image_size)} is too small for {len(channels)} 2x2 poolings")
         self.channels, self.num_queries = list(channels), num_queries
         widths = [3, *channels]
-        self.blocks = nn.ModuleList(ConvBlock(a, b, 0.2 if dropout else 0.0)
-                                    for a, b in zip(widths, widths[1:]))
+        self.blocks = nn.ModuleList(ConvBlock(a, b, 0.2 if dropout else 0.0) for a, b in zip(widths, widths[1:]))
         self.num_features = channels[-1] * (height >> len(channels)) * (width >> len(channels))
         layers: list[nn.Module] = []
         size = self.num_features + num_queries
@@ -102,9 +107,9 @@ class QueryModulated(CnnMlp):
         if not levels or any(not 1 <= level <= depth for level in levels):
             raise ValueError(f"levels {list(levels)} must be a non-empty list of conv layers 1..{depth}")
         self.levels = sorted(set(levels))
-        self.modulators = nn.ModuleDict({str(level): nn.Linear(self.num_queries,
-                                                               self.channels[level - 1])
-                                         for level in self.levels})
+        self.modulators = nn.ModuleDict(
+            {str(level): nn.Linear(self.num_queries, self.channels[level - 1]) for level in self.levels}
+        )
 
     def conv_features(self, x: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         for level, block in enumerate(self.blocks, start=1):
@@ -120,20 +125,16 @@ class TaskConditional(CnnMlp):
 
     query_dependent_features = True
 
-    def __init__(self, conditioning: Literal["multiplicative", "additive", "both"] = "both",
-                 **kwargs):
+    def __init__(self, conditioning: Literal["multiplicative", "additive", "both"] = "both", **kwargs):
         super().__init__(**kwargs)
         if conditioning not in ("multiplicative", "additive", "both"):
-            raise ValueError(f"conditioning {conditioning!r}; valid choices: multiplicative, "
-                             f"additive, both")
+            raise ValueError(f"conditioning {conditioning!r}; valid choices: multiplicative, additive, both")
         self.conditioning = conditioning
         inputs = [3, *self.channels[:-1]]
         multiplicative = conditioning in ("multiplicative", "both")
         additive = conditioning in ("additive", "both")
-        self.gates = nn.ModuleList(nn.Linear(self.num_queries, c) for c in inputs) \
-            if multiplicative else None
-        self.shifts = nn.ModuleList(nn.Linear(self.num_queries, c) for c in inputs) \
-            if additive else None
+        self.gates = nn.ModuleList(nn.Linear(self.num_queries, c) for c in inputs) if multiplicative else None
+        self.shifts = nn.ModuleList(nn.Linear(self.num_queries, c) for c in inputs) if additive else None
 
     def conv_features(self, x: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         for index, block in enumerate(self.blocks):

@@ -3,6 +3,7 @@
 At 84 px the strides 2, 1, 2, 1, 2, 2 give 256 * 3 * 3 = 2304 features
 (84 -> 41 -> 39 -> 19 -> 17 -> 8 -> 3); the head is fc1 (2304 -> 1024), ReLU, fc.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,9 +19,15 @@ class OML(EncoderClassifier):
 
     head_prefixes = ("fc1.", "fc.")
 
-    def __init__(self, num_classes: int = 1000, in_channels: int = 1, image_size: int = 84,
-                 channels: int = 256, strides: tuple[int, ...] = (2, 1, 2, 1, 2, 2),
-                 hidden: int = 1024):
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        in_channels: int = 1,
+        image_size: int = 84,
+        channels: int = 256,
+        strides: tuple[int, ...] = (2, 1, 2, 1, 2, 2),
+        hidden: int = 1024,
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         previous = in_channels

@@ -1,16 +1,18 @@
 """Model registry: configs name a model, checkpoints store (name, kwargs) and never pickled code.
 
-    @register_model("cnn-mlp")
-    class CnnMlp(nn.Module): ...
+@register_model("cnn-mlp")
+class CnnMlp(nn.Module): ...
 
-    model = build_model({"name": "cnn-mlp", "width": 2})
-    save_model(model, path); model = load_model(path)
+model = build_model({"name": "cnn-mlp", "width": 2})
+save_model(model, path); model = load_model(path)
 """
+
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,8 +20,13 @@ from torch import nn
 from ..core.checkpoint import load_checkpoint, save_checkpoint
 from ..core.errors import ConfigError
 
-MODEL_MODULES = ("metacl.models.mastery", "metacl.models.anml", "metacl.models.oml",
-                 "metacl.models.convnet", "metacl.models.resnet")
+MODEL_MODULES = (
+    "metacl.models.mastery",
+    "metacl.models.anml",
+    "metacl.models.oml",
+    "metacl.models.convnet",
+    "metacl.models.resnet",
+)
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -29,6 +36,7 @@ def register_model(name: str) -> Callable:
             raise ValueError(f"model {name!r} is registered twice")
         _REGISTRY[name] = factory
         return factory
+
     return decorate
 
 
@@ -48,6 +56,7 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
         model = _REGISTRY[name](**spec)
     except TypeError as error:
         import inspect
+
         valid = [p for p in inspect.signature(_REGISTRY[name]).parameters if p != "self"]
         raise ConfigError(f"model {name!r}: {error}; valid arguments: {', '.join(valid)}") from None
     setattr(model, "metacl_spec", {"name": name, **spec})  # noqa: B010 (not a Parameter or Module)
@@ -58,6 +67,7 @@ def check_model_spec(spec: Mapping[str, Any], key: str = "model") -> None:
     """Refuse a spec whose model cannot be built (unknown or bad constructor arguments), before
     any run starts: the model is built on the `meta` device, which allocates nothing."""
     import warnings
+
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -68,8 +78,10 @@ def check_model_spec(spec: Mapping[str, Any], key: str = "model") -> None:
         raise ConfigError(f"{key} {dict(spec)}: cannot be built ({type(error).__name__}: {error})") from None
     empty = [name for name, p in model.named_parameters() if p.numel() == 0]
     if empty:
-        raise ConfigError(f"{key} {dict(spec)}: layers with no units ({', '.join(empty[:3])}); every "
-                          f"channel and width must be at least 1")
+        raise ConfigError(
+            f"{key} {dict(spec)}: layers with no units ({', '.join(empty[:3])}); every "
+            f"channel and width must be at least 1"
+        )
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
@@ -80,8 +92,7 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
 
 
 def save_model(model: nn.Module, path: str | Path, **extra: Any) -> Path:
-    return save_checkpoint({"model_spec": model_spec(model), "state_dict": model.state_dict(),
-                            **extra}, path)
+    return save_checkpoint({"model_spec": model_spec(model), "state_dict": model.state_dict(), **extra}, path)
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -103,6 +114,8 @@ def select_parameters(model: nn.Module, prefixes: str | list[str]) -> dict[str, 
     for prefix in prefixes:
         if not any(n.startswith(prefix) for n in named):
             roots = sorted({n.split(".")[0] for n in named})
-            raise ConfigError(f"parameter prefix {prefix!r} matches nothing; valid prefixes: all, "
-                              f"{', '.join(roots)} (or any longer dotted name)")
+            raise ConfigError(
+                f"parameter prefix {prefix!r} matches nothing; valid prefixes: all, "
+                f"{', '.join(roots)} (or any longer dotted name)"
+            )
     return chosen

@@ -1,4 +1,5 @@
 """ResNet-18 (He et al. 2016) as a meta model: encode = global-average-pooled 512 features."""
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(channels)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_channels != channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
-                                          nn.BatchNorm2d(channels))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -31,22 +33,27 @@ class ResNet18(EncoderClassifier):
     """ResNet-18. `stem="small"` (3x3 conv, no max-pool) suits 28-84 px images; `"imagenet"` is
     the original 7x7 stride-2 conv plus max-pool."""
 
-    def __init__(self, num_classes: int = 1000, in_channels: int = 1, stem: str = "small",
-                 width: int = 64):
+    def __init__(self, num_classes: int = 1000, in_channels: int = 1, stem: str = "small", width: int = 64):
         super().__init__()
         if stem == "small":
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
-                                      nn.BatchNorm2d(width), nn.ReLU())
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+            )
         elif stem == "imagenet":
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 7, 2, 3, bias=False),
-                                      nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, width, 7, 2, 3, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+                nn.MaxPool2d(3, 2, 1),
+            )
         else:
             raise ConfigError(f"resnet18 stem {stem!r} unknown; valid choices: small, imagenet")
         stages, channels = [], width
         for index, out_channels in enumerate((width, 2 * width, 4 * width, 8 * width)):
             stride = 1 if index == 0 else 2
-            stages.append(nn.Sequential(BasicBlock(channels, out_channels, stride),
-                                        BasicBlock(out_channels, out_channels, 1)))
+            stages.append(
+                nn.Sequential(BasicBlock(channels, out_channels, stride), BasicBlock(out_channels, out_channels, 1))
+            )
             channels = out_channels
         self.layers = nn.Sequential(*stages)
         self.feature_dim = channels

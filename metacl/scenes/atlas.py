@@ -9,6 +9,7 @@ of hours.
 Sprites hold three premultiplied channels: alpha, the diffuse weight of the object's colour, and
 the untinted (white) light, so one sprite serves all 10 colours: rgb = colour * tint + white.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -106,8 +107,9 @@ def _trace(shape, origins, direction, angles, t_max, steps):
 
 def _normals(shape, points, angles, eps=1e-3):
     offsets = torch.eye(3, dtype=points.dtype) * eps
-    grad = torch.stack([_sdf_world(shape, points + o, angles) - _sdf_world(shape, points - o, angles)
-                        for o in offsets], -1)
+    grad = torch.stack(
+        [_sdf_world(shape, points + o, angles) - _sdf_world(shape, points - o, angles) for o in offsets], -1
+    )
     return grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
@@ -135,8 +137,12 @@ def _shade(shape, points, normals, angles, view):
     """(textures, 2, N) colour weight and white light of surface points under every texture."""
     key, fill, back = light_directions(points.dtype)
     key_lit = _soft_shadow(shape, points + 0.01 * normals, key, angles, SHADOW_STEPS)
-    diffuse = (AMBIENT + KEY * (normals @ key).clamp(min=0) * key_lit
-               + FILL * (normals @ fill).clamp(min=0) + BACK * (normals @ back).clamp(min=0))
+    diffuse = (
+        AMBIENT
+        + KEY * (normals @ key).clamp(min=0) * key_lit
+        + FILL * (normals @ fill).clamp(min=0)
+        + BACK * (normals @ back).clamp(min=0)
+    )
     to_eye = -view
     obj_points, obj_normals = _rotate_z(points, angles), _rotate_z(normals, angles)
     reflected = view - 2 * (normals @ view)[:, None] * normals
@@ -169,8 +175,9 @@ def _sprite_frame(camera: Camera) -> tuple[int, int, float, float]:
     """Sprite size (Sh, Sw) in pixels and the anchor, from the projected bounding cylinder."""
     right, up, _ = camera.basis
     angle = torch.linspace(0, 2 * math.pi, 64, dtype=torch.float64)
-    ring = torch.stack([BOUNDING_RADIUS * torch.cos(angle), BOUNDING_RADIUS * torch.sin(angle),
-                        torch.zeros_like(angle)], -1)
+    ring = torch.stack(
+        [BOUNDING_RADIUS * torch.cos(angle), BOUNDING_RADIUS * torch.sin(angle), torch.zeros_like(angle)], -1
+    )
     corners = torch.cat([ring, ring + torch.tensor([0, 0, BOUNDING_HEIGHT], dtype=torch.float64)])
     pixel = camera.anchor_distance / camera.focal_px
     x, y = corners @ right / pixel, -(corners @ up) / pixel
@@ -183,10 +190,14 @@ def _render_sprites(camera: Camera) -> tuple[torch.Tensor, tuple[float, float]]:
     height, width, anchor_x, anchor_y = _sprite_frame(camera)
     right, up, forward = camera.basis
     pixel = camera.anchor_distance / camera.focal_px / SUPERSAMPLE
-    ys, xs = torch.meshgrid(torch.arange(height * SUPERSAMPLE, dtype=torch.float64) + 0.5,
-                            torch.arange(width * SUPERSAMPLE, dtype=torch.float64) + 0.5, indexing="ij")
-    plane = ((xs - anchor_x * SUPERSAMPLE)[..., None] * pixel * right
-             - (ys - anchor_y * SUPERSAMPLE)[..., None] * pixel * up).reshape(-1, 3)
+    ys, xs = torch.meshgrid(
+        torch.arange(height * SUPERSAMPLE, dtype=torch.float64) + 0.5,
+        torch.arange(width * SUPERSAMPLE, dtype=torch.float64) + 0.5,
+        indexing="ij",
+    )
+    plane = (
+        (xs - anchor_x * SUPERSAMPLE)[..., None] * pixel * right - (ys - anchor_y * SUPERSAMPLE)[..., None] * pixel * up
+    ).reshape(-1, 3)
     back_off = 2 * (BOUNDING_RADIUS + BOUNDING_HEIGHT)
     forward = forward.to(DTYPE)
     origins = (plane - back_off * forward).to(DTYPE)
@@ -265,6 +276,12 @@ def build_atlas(height: int, width: int, device: torch.device | str = "cpu") -> 
         shadows = _render_shadows()
         ground, ground_xy = _render_ground(camera)
     origin, extent = _shadow_frame()
-    return Atlas(sprites=sprites.to(device), anchor=anchor, shadows=shadows.to(device),
-                 shadow_origin=origin, shadow_extent=extent, ground=ground.to(device),
-                 ground_xy=ground_xy.to(device))
+    return Atlas(
+        sprites=sprites.to(device),
+        anchor=anchor,
+        shadows=shadows.to(device),
+        shadow_origin=origin,
+        shadow_extent=extent,
+        ground=ground.to(device),
+        ground_xy=ground_xy.to(device),
+    )

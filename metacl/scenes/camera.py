@@ -3,6 +3,7 @@
 The reference camera sat at (6, -5, 6) looking at the origin through a 35 mm lens (36 mm sensor,
 fitted to the image width), with key, fill and back lights. World units: the ground is z = 0.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -67,10 +68,14 @@ class Camera:
     def ground_points(self, dtype=torch.float64) -> torch.Tensor:
         """World (x, y) where each pixel centre's ray meets the ground plane, shape (H, W, 2)."""
         right, up, forward = (v.to(dtype) for v in self.basis)
-        ys, xs = torch.meshgrid(torch.arange(self.height, dtype=dtype) + 0.5,
-                                torch.arange(self.width, dtype=dtype) + 0.5, indexing="ij")
-        rays = (forward + (xs[..., None] - self.width / 2) / self.focal_px * right
-                - (ys[..., None] - self.height / 2) / self.focal_px * up)
+        ys, xs = torch.meshgrid(
+            torch.arange(self.height, dtype=dtype) + 0.5, torch.arange(self.width, dtype=dtype) + 0.5, indexing="ij"
+        )
+        rays = (
+            forward
+            + (xs[..., None] - self.width / 2) / self.focal_px * right
+            - (ys[..., None] - self.height / 2) / self.focal_px * up
+        )
         origin = self.position.to(dtype)
         t = -origin[2] / rays[..., 2]
         return (origin + t[..., None] * rays)[..., :2]

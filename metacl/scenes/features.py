@@ -3,6 +3,7 @@
 Indices are fixed and alphabetical within each dimension: 0-9 colours, 10-19 shapes,
 20-29 textures. `D` rows in the HDF5 files hold (colour, 10 + shape, 20 + texture).
 """
+
 from __future__ import annotations
 
 from ..core.errors import DataError
@@ -22,10 +23,19 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (173, 35, 35),
     "yellow": (255, 238, 51),
 }
-SHAPES = ("cone", "cube", "cylinder", "dodecahedron", "ellipsoid",
-          "octahedron", "pyramid", "rectangle", "sphere", "torus")
-TEXTURES = ("chain_mail", "marble", "maze", "metal", "metal_weave",
-            "polka", "rubber", "rug", "tiles", "wood_plank")
+SHAPES = (
+    "cone",
+    "cube",
+    "cylinder",
+    "dodecahedron",
+    "ellipsoid",
+    "octahedron",
+    "pyramid",
+    "rectangle",
+    "sphere",
+    "torus",
+)
+TEXTURES = ("chain_mail", "marble", "maze", "metal", "metal_weave", "polka", "rubber", "rug", "tiles", "wood_plank")
 
 FEATURES: tuple[str, ...] = (*COLOURS, *SHAPES, *TEXTURES)
 NUM_FEATURES = len(FEATURES)

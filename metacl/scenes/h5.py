@@ -36,6 +36,7 @@ A file being generated lives at `<name>.partial` with `metacl_complete = 0` unti
 image is written; only then is it renamed to its final name, so an interrupted generation never
 leaves a file that looks complete, and a rerun with the same parameters resumes it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -73,7 +74,7 @@ class SceneObjects:
     def __len__(self) -> int:
         return len(self.position)
 
-    def select(self, rows) -> "SceneObjects":
+    def select(self, rows) -> SceneObjects:
         return SceneObjects(**{name: getattr(self, name)[rows] for name in self.__dataclass_fields__})
 
 
@@ -90,8 +91,12 @@ OBJECT_DATASETS: dict[str, tuple[str, type, tuple[int, ...], float | int]] = {
 
 def empty_objects(count: int) -> SceneObjects:
     """Metadata of `count` images with every slot absent (all fill values)."""
-    return SceneObjects(**{field_name: np.full((count, MAX_OBJECTS, *tail), fill, dtype=dtype)
-                           for field_name, dtype, tail, fill in OBJECT_DATASETS.values()})
+    return SceneObjects(
+        **{
+            field_name: np.full((count, MAX_OBJECTS, *tail), fill, dtype=dtype)
+            for field_name, dtype, tail, fill in OBJECT_DATASETS.values()
+        }
+    )
 
 
 @dataclass
@@ -157,8 +162,10 @@ def _open(path: Path, mode: str = "r"):
 
 def _dataset(f: h5py.File, path: Path, name: str, ndim: int, tail: tuple[int | None, ...]) -> h5py.Dataset:
     if name not in f:
-        raise DataError(f"{path}: missing dataset {name!r} (has: {', '.join(sorted(f.keys())) or 'nothing'}); "
-                        "a scenes file needs X, D and y")
+        raise DataError(
+            f"{path}: missing dataset {name!r} (has: {', '.join(sorted(f.keys())) or 'nothing'}); "
+            "a scenes file needs X, D and y"
+        )
     data = f[name]
     if not isinstance(data, h5py.Dataset):
         raise DataError(f"{path}: {name!r} is a group, not a dataset")
@@ -181,8 +188,10 @@ def _check_objects(path: Path, D: np.ndarray) -> None:
     bad = ~(rows_padded | ranges_ok.all(axis=-1))
     if bad.any():
         image, slot = np.argwhere(bad)[0]
-        raise DataError(f"{path}: D[{image}, {slot}] = {D[image, slot].tolist()} is not a valid object "
-                        "(colour 0-9, shape 10-19, texture 20-29, or all 255 for no object)")
+        raise DataError(
+            f"{path}: D[{image}, {slot}] = {D[image, slot].tolist()} is not a valid object "
+            "(colour 0-9, shape 10-19, texture 20-29, or all 255 for no object)"
+        )
     empty = rows_padded.all(axis=1)
     if empty.any():
         raise DataError(f"{path}: image {int(np.argmax(empty))} has no objects in D")
@@ -220,8 +229,10 @@ def load_scenes(path: str | os.PathLike, *, limit: int | None = None) -> Scenes:
     with _open(path) as f:
         attrs = {key: _decode(value) for key, value in f.attrs.items()}
         if attrs.get("metacl_complete", 1) in (0, False):
-            raise DataError(f"{path}: incomplete file (generation was interrupted after "
-                            f"{attrs.get('metacl_images_written', 0)} images); rerun the generation")
+            raise DataError(
+                f"{path}: incomplete file (generation was interrupted after "
+                f"{attrs.get('metacl_images_written', 0)} images); rerun the generation"
+            )
         X = _dataset(f, path, "X", 4, (None, None, 3))
         D = _dataset(f, path, "D", 3, (MAX_OBJECTS, 3))
         y = _dataset(f, path, "y", 2, (NUM_FEATURES,))
@@ -229,8 +240,10 @@ def load_scenes(path: str | os.PathLike, *, limit: int | None = None) -> Scenes:
         if len(set(sizes.values())) != 1:
             raise DataError(f"{path}: datasets disagree on the number of images: {sizes}")
         if len(X) == 0:
-            raise DataError(f"{path}: has no images (X, D and y hold 0 rows); generate a scenes file "
-                            "with `metacl data scenes --num-images N` or point to another file")
+            raise DataError(
+                f"{path}: has no images (X, D and y hold 0 rows); generate a scenes file "
+                "with `metacl data scenes --num-images N` or point to another file"
+            )
         if "properties" in f and len(f["properties"]) != NUM_FEATURES:
             raise DataError(f"{path}: 'properties' holds {len(f['properties'])} names, expected {NUM_FEATURES}")
         count = len(X) if limit is None else min(len(X), int(limit))
@@ -244,9 +257,11 @@ def load_scenes(path: str | os.PathLike, *, limit: int | None = None) -> Scenes:
     mismatch = np.argwhere(expected != labels)
     if len(mismatch):
         image, feature = mismatch[0]
-        raise DataError(f"{path}: y[{image}, {feature}] = {labels[image, feature]} but D[{image}] says "
-                        f"{FEATURES[feature]!r} is {'present' if expected[image, feature] else 'absent'} "
-                        f"({len(np.unique(mismatch[:, 0]))} image(s) disagree)")
+        raise DataError(
+            f"{path}: y[{image}, {feature}] = {labels[image, feature]} but D[{image}] says "
+            f"{FEATURES[feature]!r} is {'present' if expected[image, feature] else 'absent'} "
+            f"({len(np.unique(mismatch[:, 0]))} image(s) disagree)"
+        )
     return Scenes(X=images, D=objects, y=labels, attrs=attrs, objects=metadata)
 
 
@@ -262,17 +277,21 @@ class SceneWriter:
     partial file with identical attrs resumes after its last fully written batch (`start`).
     """
 
-    def __init__(self, path: str | os.PathLike, num_images: int, height: int, width: int,
-                 attrs: dict[str, Any]):
+    def __init__(self, path: str | os.PathLike, num_images: int, height: int, width: int, attrs: dict[str, Any]):
         self.path = Path(path)
         self.partial = partial_path(self.path)
         self.num_images, self.height, self.width = int(num_images), int(height), int(width)
-        self.attrs = {"metacl_format_version": FORMAT_VERSION, "metacl_num_images": self.num_images,
-                      "metacl_height": self.height, "metacl_width": self.width, **attrs}
+        self.attrs = {
+            "metacl_format_version": FORMAT_VERSION,
+            "metacl_num_images": self.num_images,
+            "metacl_height": self.height,
+            "metacl_width": self.width,
+            **attrs,
+        }
         self.file: h5py.File | None = None
         self.start = 0
 
-    def __enter__(self) -> "SceneWriter":
+    def __enter__(self) -> SceneWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.start = self._resume_point()
         if self.start == 0:
@@ -285,8 +304,7 @@ class SceneWriter:
             self.file = None
 
     def _encoded_attrs(self) -> dict[str, Any]:
-        return {k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
-                for k, v in self.attrs.items()}
+        return {k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v for k, v in self.attrs.items()}
 
     def _resume_point(self) -> int:
         if not self.partial.exists():
@@ -308,18 +326,19 @@ class SceneWriter:
         n, h, w = self.num_images, self.height, self.width
         f = h5py.File(self.partial, "w")
         f.create_dataset("X", (n, h, w, 3), np.uint8, chunks=(min(IMAGE_CHUNK, n), h, w, 3))
-        f.create_dataset("D", (n, MAX_OBJECTS, 3), np.uint8, chunks=(min(ROW_CHUNK, n), MAX_OBJECTS, 3),
-                         fillvalue=PAD)
+        f.create_dataset("D", (n, MAX_OBJECTS, 3), np.uint8, chunks=(min(ROW_CHUNK, n), MAX_OBJECTS, 3), fillvalue=PAD)
         f.create_dataset("y", (n, NUM_FEATURES), np.uint8, chunks=(min(ROW_CHUNK, n), NUM_FEATURES))
-        queries = f.create_dataset("Q", (n, NUM_FEATURES, NUM_FEATURES), np.uint8,
-                                   chunks=(min(ROW_CHUNK // 4, n), NUM_FEATURES, NUM_FEATURES))
+        queries = f.create_dataset(
+            "Q", (n, NUM_FEATURES, NUM_FEATURES), np.uint8, chunks=(min(ROW_CHUNK // 4, n), NUM_FEATURES, NUM_FEATURES)
+        )
         for start in range(0, n, ROW_CHUNK):
             stop = min(n, start + ROW_CHUNK)
             queries[start:stop] = query_rows(stop - start)
         f.create_dataset("properties", data=np.array([name.encode() for name in FEATURES]))
         for name, (_, dtype, tail, fill) in OBJECT_DATASETS.items():
-            f.create_dataset(name, (n, MAX_OBJECTS, *tail), dtype,
-                             chunks=(min(ROW_CHUNK, n), MAX_OBJECTS, *tail), fillvalue=fill)
+            f.create_dataset(
+                name, (n, MAX_OBJECTS, *tail), dtype, chunks=(min(ROW_CHUNK, n), MAX_OBJECTS, *tail), fillvalue=fill
+            )
         for key, value in self._encoded_attrs().items():
             f.attrs[key] = value
         f.attrs["metacl_complete"] = 0

@@ -7,6 +7,7 @@ shapes, textures and orientations) are drawn once; a placement that fails a chec
 the objects, or an object hidden behind another) is redrawn with the next attempt number. So
 rejection never skews how often each feature or object count appears.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,7 +48,9 @@ def uniforms(seed: int, stream: str, indices: np.ndarray, attempts: np.ndarray, 
     """(len(indices), count) floats in [0, 1) determined by (seed, stream, index, attempt, column) alone."""
     key = np.uint64(derive_seed(seed, "scenes-layout", stream))
     with np.errstate(over="ignore"):
-        row = _splitmix(_splitmix(indices.astype(np.uint64) ^ key) + attempts.astype(np.uint64) * np.uint64(0x632BE59BD9B4E019))
+        row = _splitmix(
+            _splitmix(indices.astype(np.uint64) ^ key) + attempts.astype(np.uint64) * np.uint64(0x632BE59BD9B4E019)
+        )
         bits = _splitmix(row[:, None] + np.arange(count, dtype=np.uint64)[None, :] * np.uint64(0xD1B54A32D192ED03))
     return (bits >> np.uint64(11)).astype(np.float64) / float(2**53)
 
@@ -74,8 +77,9 @@ class Layout:
 
 def ground_region_corners() -> np.ndarray:
     """(4, 2) corners of the ground rectangle positions are drawn from."""
-    return np.array([a * LATERAL_HALF_EXTENT * _ACROSS + b * DEPTH_HALF_EXTENT * _ALONG
-                     for a in (-1, 1) for b in (-1, 1)])
+    return np.array(
+        [a * LATERAL_HALF_EXTENT * _ACROSS + b * DEPTH_HALF_EXTENT * _ALONG for a in (-1, 1) for b in (-1, 1)]
+    )
 
 
 def sample_layouts(seed: int, indices: np.ndarray, attempts: np.ndarray, in_frame) -> Layout:
@@ -84,10 +88,10 @@ def sample_layouts(seed: int, indices: np.ndarray, attempts: np.ndarray, in_fram
     u = uniforms(seed, "objects", indices, np.zeros_like(attempts), 1 + 3 * VALUES_PER_DIMENSION + MAX_OBJECTS)
     count = np.where(u[:, 0] < 0.5, MIN_OBJECTS, MAX_OBJECTS)
     present = np.arange(MAX_OBJECTS)[None, :] < count[:, None]
-    picks = [np.argsort(u[:, 1 + d * 10: 11 + d * 10], axis=1, kind="stable")[:, :MAX_OBJECTS] for d in range(3)]
+    picks = [np.argsort(u[:, 1 + d * 10 : 11 + d * 10], axis=1, kind="stable")[:, :MAX_OBJECTS] for d in range(3)]
     colour, shape, texture = picks
     column = 1 + 3 * VALUES_PER_DIMENSION
-    rotation = np.floor(u[:, column: column + MAX_OBJECTS] * ROTATIONS).astype(np.int64)
+    rotation = np.floor(u[:, column : column + MAX_OBJECTS] * ROTATIONS).astype(np.int64)
     draws = uniforms(seed, "positions", indices, attempts, 2 * CANDIDATES).reshape(batch, CANDIDATES, 2) * 2 - 1
     candidates = draws[..., :1] * LATERAL_HALF_EXTENT * _ACROSS + draws[..., 1:] * DEPTH_HALF_EXTENT * _ALONG
 
@@ -105,8 +109,15 @@ def sample_layouts(seed: int, indices: np.ndarray, attempts: np.ndarray, in_fram
         ok = clear.all(axis=1) & (filled < count) & in_frame(shape[rows, slot], xy)
         position[rows[ok], slot[ok]] = xy[ok]
         filled += ok
-    return Layout(present=present, colour=colour, shape=shape, texture=texture, rotation=rotation,
-                  position=position, placed=filled == count)
+    return Layout(
+        present=present,
+        colour=colour,
+        shape=shape,
+        texture=texture,
+        rotation=rotation,
+        position=position,
+        placed=filled == count,
+    )
 
 
 def layout_to_D(layout: Layout) -> np.ndarray:

@@ -10,6 +10,7 @@ has the smallest scale. `render` paints far to near (nearer objects cover farthe
 `measure` and `visibility` walk near to far, each object keeping the coverage that nearer
 objects left.
 """
+
 from __future__ import annotations
 
 import functools
@@ -147,17 +148,25 @@ class SceneRenderer:
         # Objects lie inside the image, so shifting a window into the image still covers its object.
         x0 = (torch.floor(pixel[..., 0] - self.anchor[0] * scale).long() - 1).clamp(0, self.width - self.window_w)
         y0 = (torch.floor(pixel[..., 1] - self.anchor[1] * scale).long() - 1).clamp(0, self.height - self.window_h)
-        tensors = {name: torch.as_tensor(getattr(layout, name), device=dev)
-                   for name in ("present", "colour", "shape", "rotation", "texture")}
+        tensors = {
+            name: torch.as_tensor(getattr(layout, name), device=dev)
+            for name in ("present", "colour", "shape", "rotation", "texture")
+        }
         return _Placement(pixel=pixel, scale=scale, x0=x0, y0=y0, order=order, **tensors)
 
-    def _window_sprites(self, table: torch.Tensor, index: torch.Tensor, placed: _Placement,
-                        slot: torch.Tensor) -> torch.Tensor:
+    def _window_sprites(
+        self, table: torch.Tensor, index: torch.Tensor, placed: _Placement, slot: torch.Tensor
+    ) -> torch.Tensor:
         """Object `slot` of every image resampled from `table[index]` into (B, C, window_h, window_w)."""
         rows = torch.arange(len(slot), device=self.device)
         chosen = torch.where(placed.present[rows, slot], index[rows, slot], len(table) - 1)  # last: empty
-        return self._sample_windows(table[chosen], placed.pixel[rows, slot], placed.scale[rows, slot],
-                                    placed.x0[rows, slot], placed.y0[rows, slot])
+        return self._sample_windows(
+            table[chosen],
+            placed.pixel[rows, slot],
+            placed.scale[rows, slot],
+            placed.x0[rows, slot],
+            placed.y0[rows, slot],
+        )
 
     def _window_pixels(self, placed: _Placement, slot: torch.Tensor) -> torch.Tensor:
         """Flat indices (B * window_h * window_w,) into (B * H * W) of each image's window of `slot`."""
@@ -255,8 +264,7 @@ class SceneRenderer:
         gx = (sx / self.sprite_w * 2 - 1)[:, None, :].expand(-1, self.window_h, -1)
         gy = (sy / self.sprite_h * 2 - 1)[:, :, None].expand(-1, -1, self.window_w)
         grid = torch.stack([gx, gy], -1)
-        return F.grid_sample(sprites, grid, mode="bilinear",
-                             padding_mode="zeros", align_corners=False)
+        return F.grid_sample(sprites, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     def _floor(self, position: np.ndarray, shadow_index, present) -> torch.Tensor:
         """(B, 3, H, W) floor darkened by every object's shadow (computed at half resolution)."""
@@ -266,8 +274,13 @@ class SceneRenderer:
         origin = torch.tensor(self.atlas.shadow_origin, device=self.device)
         local = self.floor_xy[None, None] - position[:, :, None, None, :] - origin
         grid = (local / extent * 2 - 1).reshape(batch * slots, *self.floor_xy.shape)
-        shade = F.grid_sample(self.shadow_table[shadow_index.reshape(-1)], grid, mode="bilinear",
-                              padding_mode="zeros", align_corners=False)
+        shade = F.grid_sample(
+            self.shadow_table[shadow_index.reshape(-1)],
+            grid,
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=False,
+        )
         shade = shade.reshape(batch, slots, *self.floor_xy.shape[:2]) * present[..., None, None]
         light = torch.prod(1 - shade, dim=1, keepdim=True)
         light = F.interpolate(light, size=(self.height, self.width), mode="bilinear", align_corners=False)

@@ -4,6 +4,7 @@ All shapes share one size: they fit a footprint of about 2 * SIZE and are scaled
 silhouettes have similar areas. Distances may be lower bounds (polyhedra), which is all sphere
 tracing needs.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,7 +83,9 @@ _PHI = (1 + math.sqrt(5)) / 2
 _DODECA_NORMALS = torch.tensor(
     [[0, s1, s2 * _PHI] for s1 in (1, -1) for s2 in (1, -1)]
     + [[s1, s2 * _PHI, 0] for s1 in (1, -1) for s2 in (1, -1)]
-    + [[s2 * _PHI, 0, s1] for s1 in (1, -1) for s2 in (1, -1)], dtype=torch.float64)
+    + [[s2 * _PHI, 0, s1] for s1 in (1, -1) for s2 in (1, -1)],
+    dtype=torch.float64,
+)
 _DODECA_NORMALS = _DODECA_NORMALS / _DODECA_NORMALS.norm(dim=-1, keepdim=True)
 _DODECA_INRADIUS = 0.9 * SIZE
 
@@ -111,17 +114,34 @@ def _torus(p):
 
 
 SDFS = {
-    "cone": _cone, "cube": _cube, "cylinder": _cylinder, "dodecahedron": _dodecahedron,
-    "ellipsoid": _ellipsoid, "octahedron": _octahedron, "pyramid": _pyramid,
-    "rectangle": _rectangle, "sphere": _sphere, "torus": _torus,
+    "cone": _cone,
+    "cube": _cube,
+    "cylinder": _cylinder,
+    "dodecahedron": _dodecahedron,
+    "ellipsoid": _ellipsoid,
+    "octahedron": _octahedron,
+    "pyramid": _pyramid,
+    "rectangle": _rectangle,
+    "sphere": _sphere,
+    "torus": _torus,
 }
 assert tuple(SDFS) == SHAPES
 
 FOOTPRINT_RADIUS = {
-    name: radius * SIZE for name, radius in {
-        "cone": 1.1, "cube": 1.07, "cylinder": 0.85, "dodecahedron": 1.14, "ellipsoid": 0.84,
-        "octahedron": 1.4, "pyramid": 1.42, "rectangle": 1.32, "sphere": 1.02, "torus": 1.18,
-    }.items()}
+    name: radius * SIZE
+    for name, radius in {
+        "cone": 1.1,
+        "cube": 1.07,
+        "cylinder": 0.85,
+        "dodecahedron": 1.14,
+        "ellipsoid": 0.84,
+        "octahedron": 1.4,
+        "pyramid": 1.42,
+        "rectangle": 1.32,
+        "sphere": 1.02,
+        "torus": 1.18,
+    }.items()
+}
 """Radius of the circle on the ground that holds each shape in every orientation (for gaps)."""
 assert tuple(FOOTPRINT_RADIUS) == SHAPES
 

@@ -6,6 +6,7 @@ box-mapped (the plane facing the dominant normal axis) at a scale of a few repea
 they stay visible at 160x120. Only luminance is patterned, never hue, so the colour of an object
 stays unambiguous.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,8 +48,11 @@ def _value_noise(p: torch.Tensor, salt: int = 0) -> torch.Tensor:
     for dx in (0, 1):
         for dy in (0, 1):
             for dz in (0, 1):
-                w = ((f[:, 0] if dx else 1 - f[:, 0]) * (f[:, 1] if dy else 1 - f[:, 1])
-                     * (f[:, 2] if dz else 1 - f[:, 2]))
+                w = (
+                    (f[:, 0] if dx else 1 - f[:, 0])
+                    * (f[:, 1] if dy else 1 - f[:, 1])
+                    * (f[:, 2] if dz else 1 - f[:, 2])
+                )
                 out = out + w * _hash(i[:, 0] + dx, i[:, 1] + dy, i[:, 2] + dz, salt)
     return out
 
@@ -116,8 +120,9 @@ def _marble(p, n):
     turbulence = _fbm(p * 1.6 + 11.0)
     vein = (torch.sin((p[:, 0] * 1.7 + p[:, 1] * 1.1 + p[:, 2] * 0.8 + 5.0 * turbulence) * 3.2)).abs()
     white = 1 - _smooth_step(0.0, 0.35, vein)
-    return Material(tint=(1 - 0.9 * white) * (0.85 + 0.15 * turbulence), paint=0.9 * white,
-                    specular=0.5 * _ones(p), shininess=80)
+    return Material(
+        tint=(1 - 0.9 * white) * (0.85 + 0.15 * turbulence), paint=0.9 * white, specular=0.5 * _ones(p), shininess=80
+    )
 
 
 def _wood_plank(p, n):
@@ -125,7 +130,9 @@ def _wood_plank(p, n):
     across = uv[:, 1] / 0.6
     plank = torch.floor(across)
     seam = 1 - _smooth_step(0.0, 0.1, torch.minimum(across - plank, plank + 1 - across))
-    grain = 0.5 + 0.5 * torch.sin(uv[:, 0] * 9.0 + 4.0 * _fbm(p * torch.tensor([0.5, 3.0, 3.0], dtype=p.dtype, device=p.device) + plank[:, None]))
+    grain = 0.5 + 0.5 * torch.sin(
+        uv[:, 0] * 9.0 + 4.0 * _fbm(p * torch.tensor([0.5, 3.0, 3.0], dtype=p.dtype, device=p.device) + plank[:, None])
+    )
     shade = (0.7 + 0.3 * _hash(plank, plank * 0, salt=5)) * (0.45 + 0.55 * grain)
     return Material(tint=shade * (1 - 0.85 * seam), paint=0 * seam, specular=0.12 * _ones(p), shininess=25)
 
@@ -135,8 +142,9 @@ def _rug(p, n):
     zig = (uv[:, 0] / 0.5 - torch.floor(uv[:, 0] / 0.5) - 0.5).abs() * 0.5
     band = torch.floor((uv[:, 1] + zig) / 0.3) % 2
     fuzz = _value_noise(p * 14.0, salt=9)
-    return Material(tint=(0.3 + 0.7 * band) * (0.65 + 0.35 * fuzz), paint=0.3 * (1 - band) * fuzz,
-                    specular=0 * fuzz, shininess=1)
+    return Material(
+        tint=(0.3 + 0.7 * band) * (0.65 + 0.35 * fuzz), paint=0.3 * (1 - band) * fuzz, specular=0 * fuzz, shininess=1
+    )
 
 
 def _metal(p, n):
@@ -158,8 +166,15 @@ def _rubber(p, n):
 
 
 PATTERNS = {
-    "chain_mail": _chain_mail, "marble": _marble, "maze": _maze, "metal": _metal,
-    "metal_weave": _metal_weave, "polka": _polka, "rubber": _rubber, "rug": _rug,
-    "tiles": _tiles, "wood_plank": _wood_plank,
+    "chain_mail": _chain_mail,
+    "marble": _marble,
+    "maze": _maze,
+    "metal": _metal,
+    "metal_weave": _metal_weave,
+    "polka": _polka,
+    "rubber": _rubber,
+    "rug": _rug,
+    "tiles": _tiles,
+    "wood_plank": _wood_plank,
 }
 assert tuple(PATTERNS) == TEXTURES

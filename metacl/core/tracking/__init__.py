@@ -4,12 +4,14 @@ A tracker only sees metric names and numbers, never models or data. `console` is
 `tensorboard` and `wandb` are opt-in through `tracking.backends`. Metric names are stable
 `section/name` strings (for example `mastery/test_acc/mean_seen`).
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Mapping, Protocol
+from typing import Literal, Protocol
 
 from ..config import Positive
 from ..errors import ConfigError
@@ -33,8 +35,9 @@ class TrackingConfig:
     def __post_init__(self):
         for backend in self.backends:
             if backend not in BACKENDS:
-                raise ConfigError(f"tracking.backends: unknown tracker {backend!r}; valid choices: "
-                                  f"{', '.join(BACKENDS)}")
+                raise ConfigError(
+                    f"tracking.backends: unknown tracker {backend!r}; valid choices: {', '.join(BACKENDS)}"
+                )
 
 
 class Tracker(Protocol):
@@ -50,8 +53,7 @@ class ConsoleTracker:
         self._calls += 1
         if (self._calls - 1) % self.every:
             return
-        text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                         for k, v in metrics.items())
+        text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         self.logger.info("step %d  %s", step, text)
 
     def close(self) -> None:
@@ -79,21 +81,23 @@ def check_backends(config: TrackingConfig) -> None:
     Building the tracker checks the same."""
     if "wandb" in config.backends:
         from .wandb import check_online
+
         check_online(config.wandb_mode)
 
 
-def build_tracker(config: TrackingConfig, run_dir: Path, run_name: str, run_config: dict,
-                  logger: logging.Logger) -> MultiTracker:
+def build_tracker(
+    config: TrackingConfig, run_dir: Path, run_name: str, run_config: dict, logger: logging.Logger
+) -> MultiTracker:
     trackers: list[Tracker] = []
     for backend in dict.fromkeys(["console", *config.backends]):
         if backend == "console":
             trackers.append(ConsoleTracker(logger, config.console_every))
         elif backend == "tensorboard":
             from .tensorboard import TensorBoardTracker
+
             trackers.append(TensorBoardTracker(run_dir / "tensorboard"))
         elif backend == "wandb":
             from .wandb import WandbTracker
+
             trackers.append(WandbTracker(config, run_dir, run_name, run_config))
     return MultiTracker(trackers)
-
-

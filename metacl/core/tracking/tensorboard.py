@@ -4,10 +4,12 @@ A resumed run logs again from the step after its checkpoint. The writer is there
 at the first logged step, with `purge_step` set to it when earlier event files exist, so that
 TensorBoard hides the events a killed run wrote after its last checkpoint: every step shows once.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -17,8 +19,10 @@ class TensorBoardTracker:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("tracking.backends includes tensorboard, but the tensorboard "
-                              "package is not installed: pip install 'metacl[tensorboard]'") from None
+            raise ConfigError(
+                "tracking.backends includes tensorboard, but the tensorboard "
+                "package is not installed: pip install 'metacl[tensorboard]'"
+            ) from None
         self._writer_class = SummaryWriter
         self.log_dir = Path(log_dir)
         self.writer: Any = None  # created at the first log, which knows the step to purge from

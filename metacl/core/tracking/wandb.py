@@ -8,6 +8,7 @@ that the W&B server answers (a 3-second connection attempt), and says so if not.
 id is derived from the run directory, so a resumed run continues the same W&B run, and the
 sweep folder becomes the W&B group.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,15 +18,18 @@ import socket
 import threading
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import ConfigError
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 CONNECT_TIMEOUT_S = 3.0
-OFFLINE_HINT = ("or use tracking.wandb_mode=offline (the default), which needs neither an API key nor "
-                "a network: the run is written to <run>/wandb/ and `wandb sync` uploads it later")
+OFFLINE_HINT = (
+    "or use tracking.wandb_mode=offline (the default), which needs neither an API key nor "
+    "a network: the run is written to <run>/wandb/ and `wandb sync` uploads it later"
+)
 
 
 def _host_port(url: str, default_host: str = "api.wandb.ai") -> tuple[str, int]:
@@ -107,13 +111,15 @@ def check_online(mode: str) -> None:
         raise ConfigError(
             f"tracking.wandb_mode=online needs a W&B API key, and none was found (no WANDB_API_KEY "
             f"environment variable and no entry for {host} in {netrc_path()}); run `wandb login` "
-            f"or set WANDB_API_KEY, {OFFLINE_HINT}")
+            f"or set WANDB_API_KEY, {OFFLINE_HINT}"
+        )
     hop_host, hop_port, what = first_hop()
     problem = connect_problem(hop_host, hop_port)
     if problem is not None:
         raise ConfigError(
             f"tracking.wandb_mode=online cannot reach {what} from this machine ({problem}); "
-            f"check the network or proxy, {OFFLINE_HINT}")
+            f"check the network or proxy, {OFFLINE_HINT}"
+        )
 
 
 class WandbTracker:
@@ -121,18 +127,27 @@ class WandbTracker:
         try:
             import wandb
         except ImportError:
-            raise ConfigError("tracking.backends includes wandb, but the wandb package is not "
-                              "installed: pip install 'metacl[wandb]'") from None
+            raise ConfigError(
+                "tracking.backends includes wandb, but the wandb package is not installed: pip install 'metacl[wandb]'"
+            ) from None
         check_online(config.wandb_mode)
         run_dir = Path(run_dir).resolve()
         os.environ.setdefault("WANDB_SILENT", "true")
         self.run = wandb.init(
-            project=config.wandb_project, entity=config.wandb_entity, name=run_name,
+            project=config.wandb_project,
+            entity=config.wandb_entity,
+            name=run_name,
             id=hashlib.sha256(str(run_dir).encode()).hexdigest()[:16],
-            group=run_dir.parent.name, dir=str(run_dir), mode=config.wandb_mode,
-            config=run_config, resume="allow", reinit="create_new",
-            settings=wandb.Settings(silent=True, console="off", save_code=False,
-                                    disable_git=True, x_disable_stats=True))
+            group=run_dir.parent.name,
+            dir=str(run_dir),
+            mode=config.wandb_mode,
+            config=run_config,
+            resume="allow",
+            reinit="create_new",
+            settings=wandb.Settings(
+                silent=True, console="off", save_code=False, disable_git=True, x_disable_stats=True
+            ),
+        )
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         self.run.log(dict(metrics), step=step)

@@ -4,6 +4,7 @@
 - `split_classes(data, val_classes, seed)`: a seeded held-out validation set of classes.
 - `random_resized_crop(images, generator)`: batched augmentation on the device.
 """
+
 from .augment import random_resized_crop
 from .class_images import ClassImages, split_classes
 from .datasets import DATASETS, load_dataset

@@ -5,6 +5,7 @@ image before resizing. Here the crop is taken from the already resized images of
 once, with one affine sampling grid per image (bilinear `grid_sample`); that is the same family of
 crops, resampled from the stored size instead of the original one.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,9 +14,12 @@ import torch
 import torch.nn.functional as F
 
 
-def random_resized_crop(images: torch.Tensor, generator: torch.Generator,
-                        scale: tuple[float, float] = (0.8, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+def random_resized_crop(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.8, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
     """Crop a random box from each image and resize it back to the input size.
 
     images: (..., channels, H, W). Each crop covers a fraction of the area drawn uniformly from

@@ -5,6 +5,7 @@ files); a cache whose key differs from the one asked for, or that cannot be read
 Files are written atomically, so an interrupted preprocessing never leaves a usable-looking cache,
 with the usual permissions of a new file (0666 minus the umask; see core/atomic.py).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,8 +37,7 @@ def writable_dir(path: Path) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
-def choose_cache_dir(preferred: Path, fallback_name: str,
-                     explicit: str | os.PathLike | None) -> Path | None:
+def choose_cache_dir(preferred: Path, fallback_name: str, explicit: str | os.PathLike | None) -> Path | None:
     """`explicit` if given; else `preferred` when writable; else a folder under metacl's data dir.
 
     None means nowhere is writable: the data is then preprocessed in memory on every load.
@@ -74,5 +74,4 @@ def save_cache(path: Path, key: dict[str, Any], images: torch.Tensor, class_name
         with atomic_path(path) as tmp:
             torch.save({"key": key, "images": images, "class_names": list(class_names)}, tmp)
     except OSError as error:
-        log.warning("could not write cache %s (%s); the data will be preprocessed again next time",
-                    path, error)
+        log.warning("could not write cache %s (%s); the data will be preprocessed again next time", path, error)

@@ -1,4 +1,5 @@
 """`load_dataset`: one entry point for every meta-learning dataset, returning ClassImages."""
+
 from __future__ import annotations
 
 import os
@@ -16,9 +17,18 @@ from .folder import load_folder
 DATASETS = ("folder", "omniglot")
 
 
-def load_dataset(name: str, split: str, *, size: int = 28, data_dir: str | os.PathLike | None = None,
-                 device: str | torch.device = "cpu", first_963: bool = False, quiet: bool = False,
-                 cache_dir: str | os.PathLike | None = None, workers: int | None = None) -> ClassImages:
+def load_dataset(
+    name: str,
+    split: str,
+    *,
+    size: int = 28,
+    data_dir: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    first_963: bool = False,
+    quiet: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int | None = None,
+) -> ClassImages:
     """Load a split as float32 [0, 1] images resident on `device`.
 
     name "omniglot": split "background" or "evaluation"; `data_dir` holds (or receives) the zips,
@@ -36,24 +46,26 @@ def load_dataset(name: str, split: str, *, size: int = 28, data_dir: str | os.Pa
     target = resolve_device(device)
     if name == "omniglot":
         if split not in omniglot.SPLITS:
-            raise ConfigError(f"unknown Omniglot split {split!r}; "
-                              f"valid splits: {', '.join(omniglot.SPLITS)}")
+            raise ConfigError(f"unknown Omniglot split {split!r}; valid splits: {', '.join(omniglot.SPLITS)}")
         if first_963 and split != "background":
             raise ConfigError("first_963 applies to the Omniglot background split only")
-        images, names = omniglot.load_omniglot(split, size, default_data_dir(data_dir), cache_dir=cache_dir,
-                                               workers=workers, quiet=quiet)
+        images, names = omniglot.load_omniglot(
+            split, size, default_data_dir(data_dir), cache_dir=cache_dir, workers=workers, quiet=quiet
+        )
         if first_963:
             if len(names) < omniglot.FIRST_963:
-                raise ConfigError(f"first_963 needs at least {omniglot.FIRST_963} classes, "
-                                  f"but this Omniglot background set has {len(names)}")
-            images, names = images[:omniglot.FIRST_963], names[:omniglot.FIRST_963]
+                raise ConfigError(
+                    f"first_963 needs at least {omniglot.FIRST_963} classes, "
+                    f"but this Omniglot background set has {len(names)}"
+                )
+            images, names = images[: omniglot.FIRST_963], names[: omniglot.FIRST_963]
     else:
         if first_963:
-            raise ConfigError("first_963 applies to the Omniglot background split only, "
-                              "not to folder datasets")
+            raise ConfigError("first_963 applies to the Omniglot background split only, not to folder datasets")
         if data_dir is None:
             raise ConfigError("the folder dataset needs data_dir: a folder with one sub-folder per split")
-        images, names = load_folder(Path(data_dir).expanduser(), split, size, cache_dir=cache_dir,
-                                    workers=workers, quiet=quiet)
+        images, names = load_folder(
+            Path(data_dir).expanduser(), split, size, cache_dir=cache_dir, workers=workers, quiet=quiet
+        )
     # Move as uint8 (4x less to transfer), then scale on the device: x / 255 as ToTensor() does.
     return ClassImages(images.to(target).float().div_(255), names)

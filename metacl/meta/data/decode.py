@@ -4,6 +4,7 @@ Images are read from a zip archive (no extraction needed) or from plain files. P
 Pillow exactly as the reference code did (`convert(mode)`, then `resize(..., LANCZOS)`), and stay
 uint8 until they reach the device: `x / 255` there equals torchvision's `ToTensor()` bit for bit.
 """
+
 from __future__ import annotations
 
 import io
@@ -26,6 +27,7 @@ PARALLEL_MIN_IMAGES = 2 * CHUNK
 @dataclass(frozen=True)
 class ImageFiles:
     """Images to decode: members of the zip `archive`, or file paths when `archive` is None."""
+
     names: tuple[str, ...]
     archive: Path | None = None
 
@@ -34,11 +36,12 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def decode_images(files: ImageFiles, size: int, mode: str, *, workers: int | None = None,
-                  quiet: bool = False, desc: str = "decoding") -> np.ndarray:
+def decode_images(
+    files: ImageFiles, size: int, mode: str, *, workers: int | None = None, quiet: bool = False, desc: str = "decoding"
+) -> np.ndarray:
     """All images as uint8 (N, channels, size, size), in the order of `files.names`."""
     workers = default_workers() if workers is None else workers
-    chunks = [files.names[i:i + CHUNK] for i in range(0, len(files.names), CHUNK)]
+    chunks = [files.names[i : i + CHUNK] for i in range(0, len(files.names), CHUNK)]
     jobs = [(ImageFiles(chunk, files.archive), size, mode) for chunk in chunks]
     parts = []
     with progress(total=len(files.names), desc=desc, unit="img", quiet=quiet) as bar:

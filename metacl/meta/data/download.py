@@ -10,6 +10,7 @@ answers fails after about `timeout` seconds, while a slow transfer that keeps re
 never cut off. `timeout` is the `--timeout` flag of `metacl data omniglot`, else
 $METACL_DOWNLOAD_TIMEOUT, else DEFAULT_TIMEOUT_S.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,7 @@ DEFAULT_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
 TIMEOUT_ENV = "METACL_DOWNLOAD_TIMEOUT"
 """Environment variable: seconds a download may go without receiving data (default 30)."""
-RAISE_TIMEOUT_HINT = (f"allow more time with `metacl data omniglot --timeout SECONDS` or "
-                      f"{TIMEOUT_ENV}=SECONDS")
+RAISE_TIMEOUT_HINT = f"allow more time with `metacl data omniglot --timeout SECONDS` or {TIMEOUT_ENV}=SECONDS"
 
 
 class _BadDownload(Exception):
@@ -60,8 +60,16 @@ def download_timeout(explicit: float | None = None) -> float:
     return seconds
 
 
-def download(url: str, dest: str | os.PathLike, md5: str | None = None, *, retries: int = 3,
-             backoff_s: float = 2.0, timeout_s: float | None = None, quiet: bool = False) -> Path:
+def download(
+    url: str,
+    dest: str | os.PathLike,
+    md5: str | None = None,
+    *,
+    retries: int = 3,
+    backoff_s: float = 2.0,
+    timeout_s: float | None = None,
+    quiet: bool = False,
+) -> Path:
     """Fetch `url` to `dest`; try up to `retries` times within the time limit (see the module
     docstring; `timeout_s` None: $METACL_DOWNLOAD_TIMEOUT or 30 s), then raise DataError naming
     the last problem."""
@@ -90,14 +98,18 @@ def download(url: str, dest: str | os.PathLike, md5: str | None = None, *, retri
             break
         time.sleep(pause)
     if timed_out or time.monotonic() >= deadline:
-        raise DataError(f"could not download {url}: no answer from the server within the "
-                        f"{timeout_s:g} s download timeout ({attempts} attempt(s); last problem: "
-                        f"{problem}). The server may be down or unreachable from this machine; if it "
-                        f"is only slow, {RAISE_TIMEOUT_HINT}. Or download the file yourself and "
-                        f"save it as {dest}; files already there are used as they are.")
-    raise DataError(f"could not download {url} after {attempts} attempt(s): {problem}. "
-                    f"Download it yourself and save it as {dest}; "
-                    "files already there are used as they are.")
+        raise DataError(
+            f"could not download {url}: no answer from the server within the "
+            f"{timeout_s:g} s download timeout ({attempts} attempt(s); last problem: "
+            f"{problem}). The server may be down or unreachable from this machine; if it "
+            f"is only slow, {RAISE_TIMEOUT_HINT}. Or download the file yourself and "
+            f"save it as {dest}; files already there are used as they are."
+        )
+    raise DataError(
+        f"could not download {url} after {attempts} attempt(s): {problem}. "
+        f"Download it yourself and save it as {dest}; "
+        "files already there are used as they are."
+    )
 
 
 def _write_hint(dest: Path) -> str:
@@ -108,8 +120,7 @@ def _is_timeout(error: BaseException) -> bool:
     return isinstance(error, TimeoutError) or isinstance(getattr(error, "reason", None), TimeoutError)
 
 
-def _fetch_once(url: str, dest: Path, md5: str | None, timeout_s: float, quiet: bool,
-                last_data: list[float]) -> None:
+def _fetch_once(url: str, dest: Path, md5: str | None, timeout_s: float, quiet: bool, last_data: list[float]) -> None:
     if timeout_s <= 0:
         raise TimeoutError("timed out")
     hint = _write_hint(dest)
@@ -122,8 +133,9 @@ def _fetch_once(url: str, dest: Path, md5: str | None, timeout_s: float, quiet: 
             length = response.headers.get("Content-Length")
             expected = int(length) if length and length.isdigit() else None
             digest, received = hashlib.md5(), 0
-            with progress(total=expected, desc=f"downloading {dest.name}", unit="B", unit_scale=True,
-                          quiet=quiet) as bar:
+            with progress(
+                total=expected, desc=f"downloading {dest.name}", unit="B", unit_scale=True, quiet=quiet
+            ) as bar:
                 while block := response.read(BLOCK):
                     last_data.append(time.monotonic())
                     try:
@@ -149,7 +161,8 @@ def _fetch_once(url: str, dest: Path, md5: str | None, timeout_s: float, quiet: 
 # urllib applies one timeout to connecting and to every read; these handlers connect (TCP, proxy
 # tunnel and TLS handshake) within CONNECT_TIMEOUT_S and then wait for data up to the timeout.
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def _connect_limited(http_class: type) -> type:
     class Connection(http_class):
         def connect(self):
@@ -162,6 +175,7 @@ def _connect_limited(http_class: type) -> type:
                 self.timeout = read_timeout
             if isinstance(read_timeout, (int, float)):
                 self.sock.settimeout(read_timeout)
+
     Connection.__name__ = Connection.__qualname__ = f"ConnectLimited{http_class.__name__}"
     return Connection
 

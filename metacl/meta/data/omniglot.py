@@ -14,6 +14,7 @@ Classes are sorted by alphabet then character name and drawings by file name, so
 do not depend on the file system; `first_963` then keeps the first 963 of the 964 background
 classes, the count used by the original OML and ANML code (which took them in `os.walk` order).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,8 +57,7 @@ def find_source(root: Path, split: str) -> Path | None:
     return None
 
 
-def ensure_source(root: Path, split: str, *, quiet: bool = False,
-                  timeout_s: float | None = None) -> Path:
+def ensure_source(root: Path, split: str, *, quiet: bool = False, timeout_s: float | None = None) -> Path:
     """The local zip or folder for `split`, downloading the official zip when there is none
     (`timeout_s`: see `download.download_timeout`)."""
     source = find_source(root, split)
@@ -69,8 +69,7 @@ def ensure_source(root: Path, split: str, *, quiet: bool = False,
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise DataError(f"Omniglot {split} not found under {root}, and cannot download it there: "
-                        f"{error}") from None
+        raise DataError(f"Omniglot {split} not found under {root}, and cannot download it there: {error}") from None
     log.info("downloading Omniglot %s from %s", split, url)
     return download(url, dest, MD5[split], quiet=quiet, timeout_s=timeout_s)
 
@@ -86,16 +85,19 @@ def list_drawings(source: Path) -> tuple[list[str], ImageFiles, int]:
             raise DataError(f"cannot read Omniglot zip {source}: {error}") from None
         for member in members:
             parts = member.split("/")
-            if (len(parts) >= 3 and parts[-1].lower().endswith(".png")
-                    and not any(p.startswith((".", "__MACOSX")) for p in parts)):
+            if (
+                len(parts) >= 3
+                and parts[-1].lower().endswith(".png")
+                and not any(p.startswith((".", "__MACOSX")) for p in parts)
+            ):
                 groups[f"{parts[-3]}/{parts[-2]}"].append(member)
         archive_path = source
     else:
         for alphabet in subdirs(source):
             for character in subdirs(alphabet):
                 groups[f"{alphabet.name}/{character.name}"] = [
-                    str(p) for p in character.iterdir()
-                    if p.suffix.lower() == ".png" and not p.name.startswith(".")]
+                    str(p) for p in character.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith(".")
+                ]
         archive_path = None
     groups = {name: files for name, files in groups.items() if files}
     if not groups:
@@ -104,8 +106,10 @@ def list_drawings(source: Path) -> tuple[list[str], ImageFiles, int]:
     counts = {len(groups[name]) for name in names}
     if len(counts) != 1:
         smallest = min(names, key=lambda n: len(groups[n]))
-        raise DataError(f"{source}: characters have different numbers of drawings ({sorted(counts)}), "
-                        f"e.g. {smallest} has {len(groups[smallest])}; the data is incomplete")
+        raise DataError(
+            f"{source}: characters have different numbers of drawings ({sorted(counts)}), "
+            f"e.g. {smallest} has {len(groups[smallest])}; the data is incomplete"
+        )
     files = [f for name in names for f in sorted(groups[name], key=lambda f: f.rsplit("/", 1)[-1])]
     return names, ImageFiles(tuple(files), archive_path), counts.pop()
 
@@ -123,29 +127,46 @@ def source_fingerprint(source: Path) -> dict[str, object]:
     return {"folder": source.name, "bytes": total, "listing": listing.hexdigest()}
 
 
-def load_omniglot(split: str, size: int, root: Path, *, cache_dir: str | os.PathLike | None = None,
-                  workers: int | None = None, quiet: bool = False,
-                  timeout_s: float | None = None) -> tuple[torch.Tensor, list[str]]:
+def load_omniglot(
+    split: str,
+    size: int,
+    root: Path,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int | None = None,
+    quiet: bool = False,
+    timeout_s: float | None = None,
+) -> tuple[torch.Tensor, list[str]]:
     """uint8 images (classes, drawings, 1, size, size) and class names, from the cache when valid.
 
     `timeout_s`: the download time limit if the source must be downloaded (None: the default)."""
     source = ensure_source(root, split, quiet=quiet, timeout_s=timeout_s)
-    key = {"version": CACHE_VERSION, "dataset": "omniglot", "split": split, "size": size, "mode": "L",
-           "source": source_fingerprint(source)}
+    key = {
+        "version": CACHE_VERSION,
+        "dataset": "omniglot",
+        "split": split,
+        "size": size,
+        "mode": "L",
+        "source": source_fingerprint(source),
+    }
     directory = choose_cache_dir(root / "omniglot", "omniglot", cache_dir)
     path = directory / f"omniglot-{split}-{size}.pt" if directory is not None else None
     start = time.perf_counter()
     cached = load_cache(path, key) if path is not None else None
     if cached is not None:
-        log.info("Omniglot %s %dpx loaded from cache %s in %.2fs", split, size, path,
-                 time.perf_counter() - start)
+        log.info("Omniglot %s %dpx loaded from cache %s in %.2fs", split, size, path, time.perf_counter() - start)
         return cached
     names, files, per_class = list_drawings(source)
-    pixels = decode_images(files, size, "L", workers=workers, quiet=quiet,
-                           desc=f"Omniglot {split} {size}px")
+    pixels = decode_images(files, size, "L", workers=workers, quiet=quiet, desc=f"Omniglot {split} {size}px")
     images = torch.from_numpy(np.ascontiguousarray(pixels)).reshape(len(names), per_class, 1, size, size)
-    log.info("Omniglot %s preprocessed from %s in %.1fs (%d classes x %d drawings)",
-             split, source, time.perf_counter() - start, len(names), per_class)
+    log.info(
+        "Omniglot %s preprocessed from %s in %.1fs (%d classes x %d drawings)",
+        split,
+        source,
+        time.perf_counter() - start,
+        len(names),
+        per_class,
+    )
     if path is not None:
         save_cache(path, key, images, names)
     else:

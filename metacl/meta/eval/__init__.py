@@ -10,6 +10,7 @@
 Modules: protocol (settings, task draws, result type), trajectories, schedule, reinit,
 linear_engine, vmap_engine, sweep, adam, results, report, checkpoints, experiment.
 """
+
 from __future__ import annotations
 
 from .checkpoints import load_eval_model, resolve_checkpoint
@@ -19,7 +20,18 @@ from .results import best_learning_rates, select_learning_rates
 from .sweep import LRSweep
 from .trajectories import Trajectories
 
-__all__ = ["Config", "LRSweep", "MetaTestResult", "ProtocolConfig", "REFERENCE_CLASSES", "REFERENCE_LRS", "SPLITS",
-           "Trajectories", "best_learning_rates", "load_eval_model", "meta_test_model", "resolve_checkpoint",
-           "select_learning_rates"]
-
+__all__ = [
+    "Config",
+    "LRSweep",
+    "MetaTestResult",
+    "ProtocolConfig",
+    "REFERENCE_CLASSES",
+    "REFERENCE_LRS",
+    "SPLITS",
+    "Trajectories",
+    "best_learning_rates",
+    "load_eval_model",
+    "meta_test_model",
+    "resolve_checkpoint",
+    "select_learning_rates",
+]

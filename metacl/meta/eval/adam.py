@@ -6,9 +6,10 @@ is exactly torch.optim.Adam's (the single-tensor path PyTorch takes on CPU, with
 or amsgrad): the same operations in the same order, so the stacked result matches T separate
 torch.optim.Adam runs to float32 rounding.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -21,8 +22,13 @@ EPS = 1e-8
 class StackedAdam:
     """Adam over parameters stacked as (T, ...) tensors, trajectory t using learning rate lrs[t]."""
 
-    def __init__(self, params: dict[str, torch.Tensor], lrs: torch.Tensor | list[float],
-                 betas: tuple[float, float] = BETAS, eps: float = EPS):
+    def __init__(
+        self,
+        params: dict[str, torch.Tensor],
+        lrs: torch.Tensor | list[float],
+        betas: tuple[float, float] = BETAS,
+        eps: float = EPS,
+    ):
         self.params = params
         self.lrs = torch.as_tensor(lrs, dtype=torch.float64).cpu()
         self.betas, self.eps = betas, eps
@@ -35,20 +41,35 @@ class StackedAdam:
         neg_step, bc2_sqrt = step_scalars(self.lrs, self.steps, self.betas)
         for name, param in self.params.items():
             shape = (-1,) + (1,) * (param.dim() - 1)
-            adam_update_(param, self.exp_avg[name], self.exp_avg_sq[name], grads[name],
-                         neg_step.to(param.device).view(shape), bc2_sqrt, self.betas, self.eps)
+            adam_update_(
+                param,
+                self.exp_avg[name],
+                self.exp_avg_sq[name],
+                grads[name],
+                neg_step.to(param.device).view(shape),
+                bc2_sqrt,
+                self.betas,
+                self.eps,
+            )
 
 
 def step_scalars(lrs: torch.Tensor, step: int, betas: tuple[float, float]) -> tuple[torch.Tensor, float]:
     """(-lr / bias_correction1 per trajectory, as float32 like Adam's addcdiv value; sqrt(bias_correction2))."""
     beta1, beta2 = betas
-    neg_step = (-(lrs / (1 - beta1 ** step))).to(torch.float32)
-    return neg_step, (1 - beta2 ** step) ** 0.5
+    neg_step = (-(lrs / (1 - beta1**step))).to(torch.float32)
+    return neg_step, (1 - beta2**step) ** 0.5
 
 
-def adam_update_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
-                 neg_step: torch.Tensor, bc2_sqrt: float, betas: tuple[float, float] = BETAS,
-                 eps: float = EPS) -> None:
+def adam_update_(
+    param: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    grad: torch.Tensor,
+    neg_step: torch.Tensor,
+    bc2_sqrt: float,
+    betas: tuple[float, float] = BETAS,
+    eps: float = EPS,
+) -> None:
     """One in-place Adam update, operation for operation as torch.optim.Adam's single-tensor path."""
     beta1, beta2 = betas
     exp_avg.lerp_(grad, 1 - beta1)
@@ -57,9 +78,17 @@ def adam_update_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.T
     param.addcdiv_(exp_avg * neg_step, denom)
 
 
-def linear_step(weight: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                logits: torch.Tensor, x: torch.Tensor, target: torch.Tensor, x_next: torch.Tensor,
-                neg_step: torch.Tensor, bc2_sqrt: torch.Tensor) -> torch.Tensor:
+def linear_step(
+    weight: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    logits: torch.Tensor,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    x_next: torch.Tensor,
+    neg_step: torch.Tensor,
+    bc2_sqrt: torch.Tensor,
+) -> torch.Tensor:
     """One Adam step of cross-entropy on one example per trajectory, for a stacked linear layer.
 
     weight (T, out, D+1) holds [W | b] and x (T, D+1) ends in a 1, so the bias is one more column

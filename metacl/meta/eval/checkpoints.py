@@ -6,6 +6,7 @@ From it meta-eval rebuilds the validation classes held out of meta-training, on 
 the training used. Checkpoints without the record (older runs, or a training state
 `checkpoints/last.pt`) fall back to the meta-train run's config.yaml found next to them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,8 +38,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
             if (path / name).is_file():
                 return path / name
         found = sorted(p.name for p in (path / "checkpoints").glob("*.pt")) if (path / "checkpoints").is_dir() else []
-        raise ConfigError(f"{path} holds no model checkpoint (looked for {', '.join(MODEL_FILES)}; "
-                          f"checkpoints/ has: {', '.join(found) or 'nothing'})")
+        raise ConfigError(
+            f"{path} holds no model checkpoint (looked for {', '.join(MODEL_FILES)}; "
+            f"checkpoints/ has: {', '.join(found) or 'nothing'})"
+        )
     raise ConfigError(f"checkpoint {path} does not exist; pass a model .pt file or a meta-train run directory")
 
 
@@ -46,13 +49,16 @@ def load_eval_model(path: str | Path, device: str | torch.device = "cpu") -> nn.
     """Build the model of a checkpoint: {model_spec, state_dict}, or a training state {model} whose
     spec comes from the meta-train run's config.yaml (`checkpoints/last.pt` of an unfinished run)."""
     from ...models import build_model
+
     file = resolve_checkpoint(path)
     state = load_checkpoint(file, "cpu")
     weights = state.get("state_dict", state.get("model"))
     spec = state.get("model_spec") or training_config(file).get("model")
     if not isinstance(spec, dict) or not isinstance(weights, dict):
-        raise ConfigError(f"{file} is not a metacl model checkpoint: it needs model_spec and state_dict "
-                          f"(or model, next to a meta-train config.yaml); it has keys {', '.join(sorted(state))}")
+        raise ConfigError(
+            f"{file} is not a metacl model checkpoint: it needs model_spec and state_dict "
+            f"(or model, next to a meta-train config.yaml); it has keys {', '.join(sorted(state))}"
+        )
     model = build_model(spec)
     model.load_state_dict(weights)
     return model.to(device).eval()
@@ -99,16 +105,24 @@ def training_data(checkpoint: str | Path) -> TrainingData:
     state = load_checkpoint(resolve_checkpoint(checkpoint), "cpu")
     record = state.get("data")
     if isinstance(record, dict):
-        return TrainingData(val_classes=record.get("val_classes") or 0, split_seed=record.get("split_seed"),
-                            first_963=bool(record.get("first_963", False)), dataset=record.get("dataset"),
-                            split=record.get("split"), image_size=record.get("image_size"),
-                            data_dir=record.get("data_dir"), source="the checkpoint's data record",
-                            recorded=True)
+        return TrainingData(
+            val_classes=record.get("val_classes") or 0,
+            split_seed=record.get("split_seed"),
+            first_963=bool(record.get("first_963", False)),
+            dataset=record.get("dataset"),
+            split=record.get("split"),
+            image_size=record.get("image_size"),
+            data_dir=record.get("data_dir"),
+            source="the checkpoint's data record",
+            recorded=True,
+        )
     trained = training_config(checkpoint)
     if not trained:
         return TrainingData()
     data = trained.get("data", {}) if isinstance(trained.get("data"), dict) else {}
-    return TrainingData(val_classes=data.get("val_classes", 0) or 0,
-                        split_seed=data.get("split_seed", trained.get("seed")),
-                        first_963=bool(data.get("first_963", False)),
-                        source="the meta-train run's config.yaml (the checkpoint has no data record)")
+    return TrainingData(
+        val_classes=data.get("val_classes", 0) or 0,
+        split_seed=data.get("split_seed", trained.get("seed")),
+        first_963=bool(data.get("first_963", False)),
+        source="the meta-train run's config.yaml (the checkpoint has no data record)",
+    )

@@ -11,11 +11,13 @@ add its (optimistic, labelled) best-on-test table.
 Writes `results.parquet` in the run directory: one row per split x class count x LR x run x
 evaluation point x class (`results.py`). `metacl meta report` summarises it.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -87,9 +89,11 @@ class Config(ExperimentConfig):
 def needs_validation(protocol: ProtocolConfig, test_lrs: str, why: str) -> None:
     """Refuse a chosen-LR test without validation classes to choose on (unless there is only one LR)."""
     if test_lrs == "chosen" and len(protocol.learning_rates()) > 1:
-        raise ConfigError(f"test_lrs=chosen runs the test split at the LR chosen on validation classes, but {why}: "
-                          f"hold out validation classes (splits=[val,test], data.val_classes=N, as in "
-                          f"meta-training), or set test_lrs=all for the reference's optimistic best-on-test choice")
+        raise ConfigError(
+            f"test_lrs=chosen runs the test split at the LR chosen on validation classes, but {why}: "
+            f"hold out validation classes (splits=[val,test], data.val_classes=N, as in "
+            f"meta-training), or set test_lrs=all for the reference's optimistic best-on-test choice"
+        )
 
 
 # ------------------------------------------------------------------------------- data
@@ -110,25 +114,38 @@ def data_setup(config: Config) -> DataSetup:
     trained = training_data(config.checkpoint) if config.checkpoint else TrainingData()
     data = config.data
     val_classes = trained.val_classes if data.val_classes is None else data.val_classes
-    split_seed = data.split_seed if data.split_seed is not None else \
-        trained.split_seed if trained.split_seed is not None else config.seed
+    split_seed = (
+        data.split_seed
+        if data.split_seed is not None
+        else trained.split_seed
+        if trained.split_seed is not None
+        else config.seed
+    )
     first_963 = trained.first_963 if data.first_963 is None else data.first_963
-    notes = [f"validation setup from {trained.source}: val_classes={val_classes}, split_seed={split_seed}, "
-             f"first_963={first_963}"]
+    notes = [
+        f"validation setup from {trained.source}: val_classes={val_classes}, split_seed={split_seed}, "
+        f"first_963={first_963}"
+    ]
     data_dir = config.data_dir
     if data_dir is None and trained.data_dir:
         if Path(trained.data_dir).is_dir():
             data_dir = trained.data_dir
             notes.append(f"data_dir {data_dir} (where the checkpoint was meta-trained)")
         else:
-            notes.append(f"the checkpoint was meta-trained on data_dir {trained.data_dir}, which does not exist "
-                         f"here; using the default data folder (set data_dir= to choose)")
+            notes.append(
+                f"the checkpoint was meta-trained on data_dir {trained.data_dir}, which does not exist "
+                f"here; using the default data folder (set data_dir= to choose)"
+            )
     if trained.recorded and "val" in config.splits and val_classes:
-        for key, ours, theirs in (("dataset", data.dataset, trained.dataset), ("val_split", data.val_split,
-                                                                                trained.split)):
+        for key, ours, theirs in (
+            ("dataset", data.dataset, trained.dataset),
+            ("val_split", data.val_split, trained.split),
+        ):
             if theirs is not None and ours != theirs:
-                raise ConfigError(f"data.{key}={ours!r}, but the checkpoint was meta-trained on {theirs!r}: "
-                                  f"validation classes are held out of the training data; set data.{key}={theirs}")
+                raise ConfigError(
+                    f"data.{key}={ours!r}, but the checkpoint was meta-trained on {theirs!r}: "
+                    f"validation classes are held out of the training data; set data.{key}={theirs}"
+                )
         if trained.image_size is not None and trained.image_size != data.size:
             notes.append(f"note: data.size={data.size}, but the checkpoint was meta-trained at {trained.image_size} px")
     return DataSetup(val_classes, int(split_seed), bool(first_963), data_dir, tuple(notes))
@@ -137,6 +154,7 @@ def data_setup(config: Config) -> DataSetup:
 def load_splits(config: Config, device: torch.device, setup: DataSetup) -> dict[str, torch.Tensor]:
     """The image tensors of the requested splits ("val": held-out meta-training classes; "test")."""
     from ..data import load_dataset, split_classes
+
     kwargs = dict(size=config.data.size, data_dir=setup.data_dir, device=device, quiet=config.quiet)
     splits = {}
     if "val" in config.splits and setup.val_classes:
@@ -148,10 +166,19 @@ def load_splits(config: Config, device: torch.device, setup: DataSetup) -> dict[
 
 
 # ------------------------------------------------------------------------------- a model in memory
-def meta_test_model(model: nn.Module, protocol: ProtocolConfig, images: torch.Tensor, *, seed: int = 0,
-                    split: str = "test", model_name: str = "model", dataset: str = "omniglot",
-                    lrs: dict[int, float] | None = None, quiet: bool = True,
-                    log: Callable[[str], None] | None = None) -> pd.DataFrame:
+def meta_test_model(
+    model: nn.Module,
+    protocol: ProtocolConfig,
+    images: torch.Tensor,
+    *,
+    seed: int = 0,
+    split: str = "test",
+    model_name: str = "model",
+    dataset: str = "omniglot",
+    lrs: dict[int, float] | None = None,
+    quiet: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> pd.DataFrame:
     """Meta-test `model` on `images` (C, K, channels, H, W) at every class count of `protocol`.
 
     Every LR x run, or with `lrs` ({class count: lr}) each class count at its LR only. Returns the
@@ -177,8 +204,10 @@ def run(config: Config, run) -> dict:
         run.log.info(note)
     splits = load_splits(config, run.device, setup)
     if not splits:
-        raise ConfigError(f"splits={config.splits}, but the checkpoint holds no validation classes "
-                          f"(val_classes={setup.val_classes}): nothing to meta-test; set data.val_classes")
+        raise ConfigError(
+            f"splits={config.splits}, but the checkpoint holds no validation classes "
+            f"(val_classes={setup.val_classes}): nothing to meta-test; set data.val_classes"
+        )
     state = run.load_checkpoint()
     # a run started by metacl before test_lrs existed swept the test split at every LR: finish it so
     state = state if state is not None else {"done": [], "test_lrs": config.test_lrs}
@@ -187,18 +216,25 @@ def run(config: Config, run) -> dict:
         needs_validation(config.protocol, test_lrs, f"the checkpoint holds none (val_classes={setup.val_classes})")
     table = run.table("results")
     info = describe(config.protocol, str(config.checkpoint), config.data.dataset)
-    run.log.info("meta-eval of %s: splits %s, %d LRs x %d runs (test split: %s)",
-                 resolve_checkpoint(config.checkpoint),
-                 ", ".join(f"{k} ({v.shape[0]} classes)" for k, v in splits.items()), len(config.protocol.lrs),
-                 config.protocol.runs, "every LR" if test_lrs == "all" else "the validation-chosen LR")
+    run.log.info(
+        "meta-eval of %s: splits %s, %d LRs x %d runs (test split: %s)",
+        resolve_checkpoint(config.checkpoint),
+        ", ".join(f"{k} ({v.shape[0]} classes)" for k, v in splits.items()),
+        len(config.protocol.lrs),
+        config.protocol.runs,
+        "every LR" if test_lrs == "all" else "the validation-chosen LR",
+    )
     for split, images in splits.items():
         sweep = LRSweep(model, images, config.protocol, config.seed, split, quiet=config.quiet, log=run.log.info)
         counts = class_counts(config.protocol, split, images.shape[0])
         chosen = {}
         if split == "test" and test_lrs == "chosen":
             candidates = config.protocol.learning_rates()
-            chosen = chosen_learning_rates(table.frame(), counts) if "val" in splits else \
-                {classes: (candidates[0], None) for classes in counts}
+            chosen = (
+                chosen_learning_rates(table.frame(), counts)
+                if "val" in splits
+                else {classes: (candidates[0], None) for classes in counts}
+            )
         for classes in counts:
             key = f"{split}/{classes}"
             if key in state["done"]:
@@ -219,17 +255,20 @@ def run(config: Config, run) -> dict:
     return summary
 
 
-def log_progress(run, frame: pd.DataFrame, split: str, classes: int,
-                 chosen: tuple[float, int | None] | None) -> None:
+def log_progress(run, frame: pd.DataFrame, split: str, classes: int, chosen: tuple[float, int | None] | None) -> None:
     """One line and one tracker point per class count: the best LR of a sweep, or the chosen LR's accuracy."""
     best = best_learning_rates(frame).iloc[0]
     if chosen is None:
-        run.tracker.log({f"{split}/best_test_acc": float(best.test_acc), f"{split}/best_lr": float(best.lr)},
-                        classes)
-        run.log.info("%s, %d classes: best mean test accuracy %.4f at lr %g", split, classes, best.test_acc,
-                     best.lr)
+        run.tracker.log({f"{split}/best_test_acc": float(best.test_acc), f"{split}/best_lr": float(best.lr)}, classes)
+        run.log.info("%s, %d classes: best mean test accuracy %.4f at lr %g", split, classes, best.test_acc, best.lr)
         return
     lr, val_classes = chosen
     run.tracker.log({f"{split}/test_acc": float(best.test_acc), f"{split}/lr": float(lr)}, classes)
-    run.log.info("%s, %d classes: mean test accuracy %.4f at lr %g (chosen on %s)", split, classes, best.test_acc,
-                 lr, f"{val_classes} validation classes" if val_classes else "the only LR")
+    run.log.info(
+        "%s, %d classes: mean test accuracy %.4f at lr %g (chosen on %s)",
+        split,
+        classes,
+        best.test_acc,
+        lr,
+        f"{val_classes} validation classes" if val_classes else "the only LR",
+    )

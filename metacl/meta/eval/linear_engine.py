@@ -5,9 +5,10 @@ is one (outputs, inputs + 1) matrix [W | b], and an image is its feature row end
 step of T trajectories is batched matrix maths (`adam.linear_step`, fused by torch.compile).
 Same interface as `vmap_engine.VmapEngine`: `group_size`, `run`, `measure`, `flatten`.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -23,8 +24,14 @@ from .trajectories import Trajectories, trajectories_in_memory
 class LinearEngine:
     """Trajectories of the linear layer `name` over a frozen feature table."""
 
-    def __init__(self, name: str, layer: nn.Linear, features: torch.Tensor, protocol: ProtocolConfig,
-                 linear_step: Callable[..., torch.Tensor]):
+    def __init__(
+        self,
+        name: str,
+        layer: nn.Linear,
+        features: torch.Tensor,
+        protocol: ProtocolConfig,
+        linear_step: Callable[..., torch.Tensor],
+    ):
         """`features` (images, inputs) are the layer's inputs; `linear_step` is `adam.linear_step` or its fused form."""
         self.has_bias = layer.bias is not None
         self.keys = [f"{name}.weight"] + ([f"{name}.bias"] if self.has_bias else [])
@@ -38,9 +45,14 @@ class LinearEngine:
         size = trajectories_in_memory(self.protocol.memory_gb, 6 * self.outputs * self.table.shape[1] * 4, total)
         return min(size, self.protocol.trajectory_group) if self.protocol.trajectory_group else size
 
-    def run(self, trajectories: Trajectories, tasks: Tasks, schedule: Schedule,
-            starts: dict[int, dict[str, torch.Tensor]],
-            advance: Callable[[int], None]) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+    def run(
+        self,
+        trajectories: Trajectories,
+        tasks: Tasks,
+        schedule: Schedule,
+        starts: dict[int, dict[str, torch.Tensor]],
+        advance: Callable[[int], None],
+    ) -> tuple[dict[str, np.ndarray], torch.Tensor]:
         """Advance `trajectories` from their runs' `starts` over `schedule`; return their
         accuracies ((points, T, classes) per kind) and their final [W | b] matrices."""
         weight = torch.stack([self.matrix(starts[run]) for run in trajectories.run.tolist()])
@@ -61,8 +73,9 @@ class LinearEngine:
     def measure(self, weight: torch.Tensor, tasks: Tasks, trajectories: Trajectories) -> dict[str, np.ndarray]:
         """Per-class accuracies ((T, classes) per kind) of the layers `weight` on their runs' images."""
         chunk = max(1, 2**25 // (trajectories.count * max(weight.shape[1], self.table.shape[1])))
-        return measure(lambda x: torch.bmm(self.table[x], weight.transpose(1, 2)), tasks, trajectories, chunk,
-                       self.table.device)
+        return measure(
+            lambda x: torch.bmm(self.table[x], weight.transpose(1, 2)), tasks, trajectories, chunk, self.table.device
+        )
 
     def flatten(self, weight: torch.Tensor) -> torch.Tensor:
         """(T, parameters): each trajectory's learned parameters in the model's order (weight, then bias)."""
@@ -75,8 +88,9 @@ class LinearEngine:
         weight = values[self.keys[0]]
         return torch.cat([weight, values[self.keys[1]].unsqueeze(1)], 1) if self.has_bias else weight
 
-    def _one_image_steps(self, weight: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
-                         trajectories: Trajectories) -> tuple[Callable, torch.Tensor | None]:
+    def _one_image_steps(
+        self, weight: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, trajectories: Trajectories
+    ) -> tuple[Callable, torch.Tensor | None]:
         """Sequential steps of one image each through the fused step, and the first step's logits.
 
         Each step returns the logits of the next (so it reads the weights once); the last step's
@@ -89,13 +103,24 @@ class LinearEngine:
         def step(logits: torch.Tensor, k: int, _columns: slice) -> torch.Tensor:
             neg_step, bc2_sqrt = step_scalars(lrs, k + 1, BETAS)
             x_next = self.table[images[:, k + 1]] if k + 1 < steps else self.table[images[:, 0]]
-            return self.linear_step(weight, exp_avg, exp_avg_sq, logits, self.table[images[:, k]], labels[:, k],
-                                    x_next, neg_step.to(weight.device), torch.tensor(bc2_sqrt, dtype=torch.float64))
+            return self.linear_step(
+                weight,
+                exp_avg,
+                exp_avg_sq,
+                logits,
+                self.table[images[:, k]],
+                labels[:, k],
+                x_next,
+                neg_step.to(weight.device),
+                torch.tensor(bc2_sqrt, dtype=torch.float64),
+            )
+
         first = torch.bmm(weight, self.table[images[:, 0]].unsqueeze(2)).squeeze(2) if steps else None
         return step, first
 
-    def _minibatch_steps(self, weight: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
-                         trajectories: Trajectories) -> Callable[[None, int, slice], None]:
+    def _minibatch_steps(
+        self, weight: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, trajectories: Trajectories
+    ) -> Callable[[None, int, slice], None]:
         """Minibatch steps (mean cross-entropy) through stacked Adam: the iid oracle."""
         optimiser = StackedAdam({"weight": weight}, trajectories.lr)
 
@@ -104,4 +129,5 @@ class LinearEngine:
             logits = torch.bmm(x, weight.transpose(1, 2))
             g = logits.log_softmax(2).exp() - F.one_hot(labels[:, columns], logits.shape[2]).to(logits.dtype)
             optimiser.step({"weight": torch.bmm((g / x.shape[1]).transpose(1, 2), x)})
+
         return step

@@ -8,6 +8,7 @@ evaluated on every class's train images (retention) and test images (generalisat
 
 `sweep.LRSweep` runs it; `reinit.py` re-initialises, `linear_engine.py` and `vmap_engine.py` train.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -85,8 +86,10 @@ def check_protocol(protocol: ProtocolConfig, per_class: int | None = None) -> No
     if protocol.train_examples < 1 or protocol.test_examples < 1:
         raise ConfigError("protocol.train_examples and protocol.test_examples must be at least 1")
     if per_class is not None and protocol.train_examples + protocol.test_examples > per_class:
-        raise ConfigError(f"train_examples + test_examples = {protocol.train_examples + protocol.test_examples} "
-                          f"but the data has only {per_class} images per class")
+        raise ConfigError(
+            f"train_examples + test_examples = {protocol.train_examples + protocol.test_examples} "
+            f"but the data has only {per_class} images per class"
+        )
     if protocol.eval_method != "zero-shot" and (not protocol.lrs or any(lr <= 0 for lr in protocol.lrs)):
         raise ConfigError(f"protocol.lrs must be positive learning rates, got {protocol.lrs}")
     if protocol.runs < 1 or protocol.eval_freq < 0 or protocol.epochs < 1 or protocol.batch_size < 1:
@@ -96,8 +99,9 @@ def check_protocol(protocol: ProtocolConfig, per_class: int | None = None) -> No
     if protocol.init_size is not None and protocol.init_size < 1:
         raise ConfigError(f"protocol.init_size must be >= 1 or null, got {protocol.init_size}")
     if protocol.trajectory_group < 0:
-        raise ConfigError(f"protocol.trajectory_group must be >= 0 (0 = as many as memory_gb allows), "
-                          f"got {protocol.trajectory_group}")
+        raise ConfigError(
+            f"protocol.trajectory_group must be >= 0 (0 = as many as memory_gb allows), got {protocol.trajectory_group}"
+        )
     if protocol.memory_gb <= 0:
         raise ConfigError(f"protocol.memory_gb must be positive, got {protocol.memory_gb}")
 
@@ -124,8 +128,16 @@ class Tasks:
         return self.class_ids[runs].repeat_interleave(per_class, dim=1)
 
 
-def draw_tasks(num_classes: int, per_class: int, classes: int, train_examples: int, test_examples: int,
-               runs: int, seed: int, *keys: object) -> Tasks:
+def draw_tasks(
+    num_classes: int,
+    per_class: int,
+    classes: int,
+    train_examples: int,
+    test_examples: int,
+    runs: int,
+    seed: int,
+    *keys: object,
+) -> Tasks:
     """Seeded class draws and per-class train/test splits, one per run (shared by all LRs)."""
     if classes > num_classes:
         raise ConfigError(f"cannot draw {classes} classes from a dataset of {num_classes}")
@@ -137,7 +149,7 @@ def draw_tasks(num_classes: int, per_class: int, classes: int, train_examples: i
         flat = chosen.unsqueeze(1) * per_class + order
         ids.append(chosen)
         train.append(flat[:, :train_examples].flatten())
-        test.append(flat[:, train_examples:train_examples + test_examples].flatten())
+        test.append(flat[:, train_examples : train_examples + test_examples].flatten())
     return Tasks(torch.stack(ids), torch.stack(train), torch.stack(test))
 
 

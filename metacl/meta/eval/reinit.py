@@ -5,10 +5,11 @@ kaiming  kaiming-normal weights (fan-in, ReLU gain) and zero biases, from a stre
 lstsq    one linear layer fitted by least squares to one-hot labels on the layer's inputs of a
          support sample (one image per class, or `init_size` random ones); zero-shot stops there.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +32,9 @@ class Reinit:
     seed: int
     split: str
 
-    def start(self, tasks: Tasks, run: int, params: list[str],
-              layer_input: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    def start(
+        self, tasks: Tasks, run: int, params: list[str], layer_input: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """Run `run`'s starting values of `params` (the parameters that learn).
 
         `layer_input(layer, images)` gives the lstsq layer's inputs for flat image indices. Re-initialising
@@ -49,16 +51,19 @@ class Reinit:
             name, layer = lstsq_layer(self.model, self.protocol.reinit_params)
             support = self.lstsq_support(tasks, run)
             features = layer_input(layer, support)
-            labels = tasks.class_ids[run][torch.div(support_positions(tasks, run, support),
-                                                     self.protocol.train_examples, rounding_mode="floor")]
+            labels = tasks.class_ids[run][
+                torch.div(support_positions(tasks, run, support), self.protocol.train_examples, rounding_mode="floor")
+            ]
             weight, bias = lstsq_fit(features, labels.to(features.device), layer.out_features)
             fresh = {f"{name}.weight": weight}
             if layer.bias is not None:
                 fresh[f"{name}.bias"] = bias
         frozen = [n for n in fresh if n not in values]
         if frozen:
-            raise ConfigError(f"reinit_params {self.protocol.reinit_params} re-initialise parameters that do not "
-                              f"learn ({', '.join(frozen)}); add them to opt_params")
+            raise ConfigError(
+                f"reinit_params {self.protocol.reinit_params} re-initialise parameters that do not "
+                f"learn ({', '.join(frozen)}); add them to opt_params"
+            )
         values.update(fresh)
         return values
 
@@ -66,9 +71,9 @@ class Reinit:
         """Flat image indices of the lstsq support sample: one per class, or `init_size` random ones (at most all)."""
         train = tasks.train[run]
         if self.protocol.init_size is None:
-            return train[::self.protocol.train_examples]
+            return train[:: self.protocol.train_examples]
         generator = torch_generator(self.seed, "meta-eval-init-support", self.split, tasks.classes, run)
-        return train[torch.randperm(len(train), generator=generator)[:self.protocol.init_size]]
+        return train[torch.randperm(len(train), generator=generator)[: self.protocol.init_size]]
 
 
 def support_positions(tasks: Tasks, run: int, support: torch.Tensor) -> torch.Tensor:
@@ -88,8 +93,10 @@ def kaiming_reinit(params: dict[str, torch.Tensor], generator: torch.Generator) 
             nn.init.kaiming_normal_(sample, generator=generator)
             fresh[name] = sample.to(value.device)
         else:
-            raise ConfigError(f"cannot kaiming-initialise {name!r} (shape {tuple(value.shape)}): only weights "
-                              f"of 2 or more dimensions and biases; narrow protocol.reinit_params")
+            raise ConfigError(
+                f"cannot kaiming-initialise {name!r} (shape {tuple(value.shape)}): only weights "
+                f"of 2 or more dimensions and biases; narrow protocol.reinit_params"
+            )
     return fresh
 
 
@@ -112,20 +119,27 @@ def lstsq_layer(model: nn.Module, reinit_params: list[str]) -> tuple[str, nn.Lin
     names = [p.removesuffix(".") for p in reinit_params]
     if len(names) != 1 or not isinstance(modules.get(names[0]), nn.Linear):
         linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-        raise ConfigError(f"reinit_method=lstsq fits exactly one linear layer; reinit_params={reinit_params} "
-                          f"must name one of: {', '.join(linear)}")
+        raise ConfigError(
+            f"reinit_method=lstsq fits exactly one linear layer; reinit_params={reinit_params} "
+            f"must name one of: {', '.join(linear)}"
+        )
     return names[0], modules[names[0]]
 
 
 @torch.no_grad()
-def layer_inputs(model: nn.Module, layer: nn.Module, run_model: Callable[[torch.Tensor], torch.Tensor],
-                 inputs: torch.Tensor, batch: int = 512) -> torch.Tensor:
+def layer_inputs(
+    model: nn.Module,
+    layer: nn.Module,
+    run_model: Callable[[torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    batch: int = 512,
+) -> torch.Tensor:
     """What `layer` receives while `run_model` processes `inputs` (batched, captured by a hook)."""
     captured: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda _m, args, _out: captured.append(args[0].detach()))
     try:
         for start in range(0, len(inputs), batch):
-            run_model(inputs[start:start + batch])
+            run_model(inputs[start : start + batch])
     finally:
         handle.remove()
     return torch.cat(captured)

@@ -6,10 +6,11 @@ it). Where the test split was also swept at every LR (`metacl meta eval ... test
 meta-training's meta-tests), a second table gives the reference's "best on test" choice, labelled
 as such: it is optimistic, for comparison with published numbers only.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -19,8 +20,7 @@ from ...core.errors import ConfigError
 from ...core.plots import pyplot, save_figure
 from .results import KEYS, ci95, final_accuracy, read_results, select_learning_rates
 
-SELECTION_LABELS = {"validation": "LR chosen on validation classes",
-                    "best-on-test": "best on test (optimistic)"}
+SELECTION_LABELS = {"validation": "LR chosen on validation classes", "best-on-test": "best on test (optimistic)"}
 """How each LR choice is named in plots."""
 
 
@@ -65,10 +65,14 @@ def plot_accuracy_vs_classes(selection: pd.DataFrame, path: Path) -> None:
             first = group.iloc[0]
             label = f"{_label(first, keys, varying)} [{SELECTION_LABELS[first['selection']]}]"
             style = "-" if first["selection"] == "validation" else "--"
-            line, = ax.plot(group["classes"], group[f"{kind}_acc"], style, marker="o", label=label)
-            ax.fill_between(group["classes"], group[f"{kind}_acc"] - group[f"{kind}_ci95"].fillna(0),
-                            group[f"{kind}_acc"] + group[f"{kind}_ci95"].fillna(0), color=line.get_color(),
-                            alpha=0.2)
+            (line,) = ax.plot(group["classes"], group[f"{kind}_acc"], style, marker="o", label=label)
+            ax.fill_between(
+                group["classes"],
+                group[f"{kind}_acc"] - group[f"{kind}_ci95"].fillna(0),
+                group[f"{kind}_acc"] + group[f"{kind}_ci95"].fillna(0),
+                color=line.get_color(),
+                alpha=0.2,
+            )
         ax.set_title(f"{'retention (train images)' if kind == 'train' else 'generalisation (test images)'}")
         ax.set_xlabel("classes learned")
         ax.grid(alpha=0.3)
@@ -90,8 +94,11 @@ def plot_accuracy_vs_lr(frame: pd.DataFrame, path: Path, counts: int = 4) -> Non
     for ax, classes in zip(axes[0], chosen):
         for _, group in final.groupby(keys + ["split"]):
             split = group["split"].iloc[0]
-            cap = classes if split == "test" else max([c for c in group["classes"].unique() if c <= classes]
-                                                      or [group["classes"].min()])
+            cap = (
+                classes
+                if split == "test"
+                else max([c for c in group["classes"].unique() if c <= classes] or [group["classes"].min()])
+            )
             at = group[group["classes"] == cap].groupby("lr")["test_acc"]
             mean, std, n = at.mean(), at.std(), at.count()
             if mean.empty:
@@ -101,7 +108,7 @@ def plot_accuracy_vs_lr(frame: pd.DataFrame, path: Path, counts: int = 4) -> Non
             if len(mean) == 1:  # one LR: the test split at the validation-chosen LR
                 ax.errorbar(mean.index, mean.values, yerr=half.values, fmt="o", capsize=4, label=f"{label} at one LR")
                 continue
-            line, = ax.plot(mean.index, mean.values, "-" if split == "test" else ":", marker="o", label=label)
+            (line,) = ax.plot(mean.index, mean.values, "-" if split == "test" else ":", marker="o", label=label)
             ax.fill_between(mean.index, mean - half, mean + half, color=line.get_color(), alpha=0.2)
         ax.set_xscale("log")
         ax.set_title(f"{classes} classes")
@@ -127,36 +134,53 @@ def final_table(selection: pd.DataFrame) -> str:
         lines += [f"## {', '.join(f'{k}={v}' for k, v in zip(keys, setting))}", ""]
         validated = group[group["selection"] == "validation"].sort_values("classes")
         if len(validated):
-            lines += ["Test accuracy after learning all classes, at the learning rate chosen per class count on",
-                      "validation classes held out of meta-training (mean ± 95% CI over runs):", "",
-                      "| classes | test acc | chosen LR | chosen on | runs | train acc |",
-                      "|---|---|---|---|---|---|"]
+            lines += [
+                "Test accuracy after learning all classes, at the learning rate chosen per class count on",
+                "validation classes held out of meta-training (mean ± 95% CI over runs):",
+                "",
+                "| classes | test acc | chosen LR | chosen on | runs | train acc |",
+                "|---|---|---|---|---|---|",
+            ]
             for row in validated.itertuples():
-                note = "" if row.val_classes == row.classes else (
-                    " †" if row.val_classes < row.classes else " ‡")
-                lines.append(f"| {row.classes} | {row.test_acc:.3f} ± {row.test_ci95:.3f} | {row.lr:g} | "
-                             f"{row.val_classes} val classes{note} | {row.runs} | "
-                             f"{row.train_acc:.3f} ± {row.train_ci95:.3f} |")
+                note = "" if row.val_classes == row.classes else (" †" if row.val_classes < row.classes else " ‡")
+                lines.append(
+                    f"| {row.classes} | {row.test_acc:.3f} ± {row.test_ci95:.3f} | {row.lr:g} | "
+                    f"{row.val_classes} val classes{note} | {row.runs} | "
+                    f"{row.train_acc:.3f} ± {row.train_ci95:.3f} |"
+                )
             larger = validated[validated["val_classes"] < validated["classes"]]
             if len(larger):
-                lines += ["", f"† more classes than the validation pool holds: "
-                              f"{', '.join(str(c) for c in larger['classes'])} classes use the choice at "
-                              f"the largest validated count ({int(larger['val_classes'].max())} classes)."]
+                lines += [
+                    "",
+                    f"† more classes than the validation pool holds: "
+                    f"{', '.join(str(c) for c in larger['classes'])} classes use the choice at "
+                    f"the largest validated count ({int(larger['val_classes'].max())} classes).",
+                ]
             if (validated["val_classes"] > validated["classes"]).any():
                 lines += ["", "‡ fewer classes than any validated count: the choice at the smallest validated count."]
         else:
-            lines += ["No validation results (split `val`), so no honest learning-rate choice: run "
-                      "`metacl meta eval` with validation classes (data.val_classes)."]
+            lines += [
+                "No validation results (split `val`), so no honest learning-rate choice: run "
+                "`metacl meta eval` with validation classes (data.val_classes)."
+            ]
         best = group[group["selection"] == "best-on-test"].sort_values("classes")
         if len(best):
-            lines += ["", "### Best on test (the reference's choice; optimistic)", "",
-                      "The test split was swept at every learning rate; here each class count takes the LR",
-                      "with the best test accuracy, chosen on the test classes themselves, as the reference",
-                      "did. Optimistic: for comparison with published numbers only.", "",
-                      "| classes | test acc | best-on-test LR | runs | train acc |", "|---|---|---|---|---|"]
+            lines += [
+                "",
+                "### Best on test (the reference's choice; optimistic)",
+                "",
+                "The test split was swept at every learning rate; here each class count takes the LR",
+                "with the best test accuracy, chosen on the test classes themselves, as the reference",
+                "did. Optimistic: for comparison with published numbers only.",
+                "",
+                "| classes | test acc | best-on-test LR | runs | train acc |",
+                "|---|---|---|---|---|",
+            ]
             for row in best.itertuples():
-                lines.append(f"| {row.classes} | {row.test_acc:.3f} ± {row.test_ci95:.3f} | {row.lr:g} | "
-                             f"{row.runs} | {row.train_acc:.3f} ± {row.train_ci95:.3f} |")
+                lines.append(
+                    f"| {row.classes} | {row.test_acc:.3f} ± {row.test_ci95:.3f} | {row.lr:g} | "
+                    f"{row.runs} | {row.train_acc:.3f} ± {row.train_ci95:.3f} |"
+                )
         lines.append("")
     return "\n".join(lines)
 
@@ -164,14 +188,24 @@ def final_table(selection: pd.DataFrame) -> str:
 def markdown(selection: pd.DataFrame, summary: pd.DataFrame) -> str:
     """summary.md: the final table(s), then where the rest of the numbers are."""
     points = summary[summary["classes_trained"] < summary["classes"]]
-    return "\n".join(["# Meta-test results", "", final_table(selection),
-                      f"Evaluation points inside trajectories: {len(points)} summary rows (see summary.csv; "
-                      f"seen_* columns average only the classes learned so far). selection.csv has every "
-                      f"choice; accuracy_vs_classes.png and accuracy_vs_lr.png plot them."]) + "\n"
+    return (
+        "\n".join(
+            [
+                "# Meta-test results",
+                "",
+                final_table(selection),
+                f"Evaluation points inside trajectories: {len(points)} summary rows (see summary.csv; "
+                f"seen_* columns average only the classes learned so far). selection.csv has every "
+                f"choice; accuracy_vs_classes.png and accuracy_vs_lr.png plot them.",
+            ]
+        )
+        + "\n"
+    )
 
 
-def write_report(paths: list[str | Path], out: str | Path,
-                 echo: Callable[[str], None] | None = print) -> dict[str, Path]:
+def write_report(
+    paths: list[str | Path], out: str | Path, echo: Callable[[str], None] | None = print
+) -> dict[str, Path]:
     """Read results; write summary.csv, selection.csv, summary.md and the two PNG plots into `out`;
     `echo` the final table (print by default; None for silence)."""
     frame = read_results(paths)
@@ -181,8 +215,13 @@ def write_report(paths: list[str | Path], out: str | Path,
     selection = select_learning_rates(frame)
     if selection.empty:
         raise ConfigError("the results hold no test split, so there is nothing to report; run with splits=[val,test]")
-    files = {"summary": out / "summary.csv", "selection": out / "selection.csv", "markdown": out / "summary.md",
-             "classes_plot": out / "accuracy_vs_classes.png", "lr_plot": out / "accuracy_vs_lr.png"}
+    files = {
+        "summary": out / "summary.csv",
+        "selection": out / "selection.csv",
+        "markdown": out / "summary.md",
+        "classes_plot": out / "accuracy_vs_classes.png",
+        "lr_plot": out / "accuracy_vs_lr.png",
+    }
     with atomic_path(files["summary"]) as tmp:
         summary.to_csv(tmp, index=False)
     with atomic_path(files["selection"]) as tmp:

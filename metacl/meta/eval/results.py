@@ -11,6 +11,7 @@ validation    per class count, the LR with the best mean final test-image accura
 best-on-test  the LR chosen on the meta-test itself, as the reference did: optimistic, and only
               available where the test split was swept at every LR (`test_lrs: all`).
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,16 @@ from ...core.errors import ConfigError
 from ...core.stats import t_quantile
 from .protocol import MetaTestResult, ProtocolConfig
 
-KEYS = ["model", "dataset", "eval_method", "reinit_method", "reinit_params", "opt_params",
-        "train_examples", "test_examples"]
+KEYS = [
+    "model",
+    "dataset",
+    "eval_method",
+    "reinit_method",
+    "reinit_params",
+    "opt_params",
+    "train_examples",
+    "test_examples",
+]
 """Columns that identify one evaluation setting."""
 REQUIRED = KEYS + ["split", "classes", "lr", "run", "classes_trained", "class_id", "train_acc", "test_acc"]
 """Columns every results table has."""
@@ -38,29 +47,37 @@ RESULT_FILES = ("results.parquet", "meta_test.parquet")
 # ------------------------------------------------------------------------------- the table
 def describe(protocol: ProtocolConfig, model: str, dataset: str) -> dict[str, Any]:
     """The columns that identify an evaluation (constant within one meta-eval run)."""
-    return {"model": model, "dataset": dataset, "train_examples": protocol.train_examples,
-            "test_examples": protocol.test_examples, "eval_method": protocol.eval_method,
-            "reinit_method": protocol.reinit_method, "reinit_params": ",".join(protocol.reinit_params),
-            "opt_params": ",".join(protocol.opt_params)}
+    return {
+        "model": model,
+        "dataset": dataset,
+        "train_examples": protocol.train_examples,
+        "test_examples": protocol.test_examples,
+        "eval_method": protocol.eval_method,
+        "reinit_method": protocol.reinit_method,
+        "reinit_params": ",".join(protocol.reinit_params),
+        "opt_params": ",".join(protocol.opt_params),
+    }
 
 
 def result_frame(result: MetaTestResult, info: dict[str, Any], classes: int, split: str) -> pd.DataFrame:
     """The tidy table of one class count: one row per evaluation point x trajectory x class."""
     points, trajectories, num = result.train_acc.shape
     e, t, c = np.meshgrid(np.arange(points), np.arange(trajectories), np.arange(num), indexing="ij")
-    return pd.DataFrame({
-        **{key: [value] * e.size for key, value in info.items()},
-        "split": split,
-        "classes": classes,
-        "lr": result.trajectories.lr[t.ravel()],
-        "run": result.trajectories.run[t.ravel()],
-        "classes_trained": np.asarray(result.classes_trained)[e.ravel()],
-        "class_id": c.ravel(),
-        "train_acc": result.train_acc.ravel(),
-        "test_acc": result.test_acc.ravel(),
-        "train_acc_top5": result.train_top5.ravel(),
-        "test_acc_top5": result.test_top5.ravel(),
-    })
+    return pd.DataFrame(
+        {
+            **{key: [value] * e.size for key, value in info.items()},
+            "split": split,
+            "classes": classes,
+            "lr": result.trajectories.lr[t.ravel()],
+            "run": result.trajectories.run[t.ravel()],
+            "classes_trained": np.asarray(result.classes_trained)[e.ravel()],
+            "class_id": c.ravel(),
+            "train_acc": result.train_acc.ravel(),
+            "test_acc": result.test_acc.ravel(),
+            "train_acc_top5": result.train_top5.ravel(),
+            "test_acc_top5": result.test_top5.ravel(),
+        }
+    )
 
 
 def upgrade(frame: pd.DataFrame) -> pd.DataFrame:
@@ -82,8 +99,10 @@ def read_results(paths: list[str | Path]) -> pd.DataFrame:
     for path in map(Path, paths):
         file = next((path / n for n in RESULT_FILES if (path / n).is_file()), path) if path.is_dir() else path
         if not file.is_file():
-            raise ConfigError(f"no results at {path}: give a results .parquet file, a meta-eval run directory "
-                              f"or a meta-train run directory whose config sets meta_test.splits")
+            raise ConfigError(
+                f"no results at {path}: give a results .parquet file, a meta-eval run directory "
+                f"or a meta-train run directory whose config sets meta_test.splits"
+            )
         frame = upgrade(pd.read_parquet(file))
         missing = [c for c in REQUIRED if c not in frame.columns]
         if missing:
@@ -97,8 +116,10 @@ def read_results(paths: list[str | Path]) -> pd.DataFrame:
 # ------------------------------------------------------------------------------- statistics
 def ci95(std: pd.Series | float, n: pd.Series | int) -> pd.Series | float:
     """Half-width of the 95% confidence interval of a mean of n runs (Student t)."""
+
     def t(count: int) -> float:
         return float("nan") if count < 2 else t_quantile(0.95, count - 1)
+
     if isinstance(n, pd.Series):
         return std * n.map(t) / np.sqrt(n)
     return std * t(n) / math.sqrt(n)
@@ -158,12 +179,22 @@ def select_learning_rates(frame: pd.DataFrame) -> pd.DataFrame:
             for selection, lr, val_classes in choices:
                 chosen = at_test[at_test["lr"] == lr]
                 n = chosen["run"].nunique()
-                rows.append({**dict(zip(keys, setting)), "selection": selection, "classes": int(classes),
-                             "val_classes": val_classes, "lr": float(lr), "runs": n,
-                             "train_acc": chosen["train_acc"].mean(), "train_std": chosen["train_acc"].std(),
-                             "train_ci95": ci95(chosen["train_acc"].std(), n),
-                             "test_acc": chosen["test_acc"].mean(), "test_std": chosen["test_acc"].std(),
-                             "test_ci95": ci95(chosen["test_acc"].std(), n)})
+                rows.append(
+                    {
+                        **dict(zip(keys, setting)),
+                        "selection": selection,
+                        "classes": int(classes),
+                        "val_classes": val_classes,
+                        "lr": float(lr),
+                        "runs": n,
+                        "train_acc": chosen["train_acc"].mean(),
+                        "train_std": chosen["train_acc"].std(),
+                        "train_ci95": ci95(chosen["train_acc"].std(), n),
+                        "test_acc": chosen["test_acc"].mean(),
+                        "test_std": chosen["test_acc"].std(),
+                        "test_ci95": ci95(chosen["test_acc"].std(), n),
+                    }
+                )
     selection = pd.DataFrame(rows)
     if not selection.empty:
         selection["val_classes"] = selection["val_classes"].astype("Int64")

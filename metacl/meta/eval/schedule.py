@@ -10,10 +10,12 @@ An engine (`linear_engine`, `vmap_engine`) supplies how one step changes its tra
 they produce logits; `Schedule.drive` runs the steps and the measurements, and `measure` computes
 the accuracies from the logits.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,15 +49,33 @@ class Schedule:
         runs, n = tasks.train.shape
         if protocol.eval_method == "sequential":
             points = eval_points(tasks.classes, protocol.eval_freq)
-            return cls(torch.arange(n).expand(runs, n), [slice(k, k + 1) for k in range(n)],
-                       [c * protocol.train_examples for c in points], points, True)
+            return cls(
+                torch.arange(n).expand(runs, n),
+                [slice(k, k + 1) for k in range(n)],
+                [c * protocol.train_examples for c in points],
+                points,
+                True,
+            )
         if protocol.eval_method == "zero-shot":
             return cls(torch.zeros(runs, 0, dtype=torch.long), [], [0], [tasks.classes], False)
-        order = torch.stack([torch.cat([torch.randperm(n, generator=torch_generator(
-            seed, "meta-eval-iid", split, tasks.classes, run, epoch)) for epoch in range(protocol.epochs)])
-            for run in range(runs)])
-        batches = [slice(epoch * n + lo, epoch * n + min(lo + protocol.batch_size, n))
-                   for epoch in range(protocol.epochs) for lo in range(0, n, protocol.batch_size)]
+        order = torch.stack(
+            [
+                torch.cat(
+                    [
+                        torch.randperm(
+                            n, generator=torch_generator(seed, "meta-eval-iid", split, tasks.classes, run, epoch)
+                        )
+                        for epoch in range(protocol.epochs)
+                    ]
+                )
+                for run in range(runs)
+            ]
+        )
+        batches = [
+            slice(epoch * n + lo, epoch * n + min(lo + protocol.batch_size, n))
+            for epoch in range(protocol.epochs)
+            for lo in range(0, n, protocol.batch_size)
+        ]
         return cls(order, batches, [len(batches)], [tasks.classes], False)
 
     @property
@@ -63,8 +83,9 @@ class Schedule:
         """Support images learned from by one trajectory over the whole schedule."""
         return self.order.shape[1]
 
-    def examples(self, tasks: Tasks, trajectories: Trajectories,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def examples(
+        self, tasks: Tasks, trajectories: Trajectories, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, labels), each (T, N): the flat image index and label each trajectory learns, in step order."""
         runs = trajectories.run_index()
         order = self.order[runs]
@@ -72,8 +93,13 @@ class Schedule:
         labels = torch.gather(tasks.labels("train", runs), 1, order)
         return images.to(device), labels.to(device)
 
-    def drive(self, step: Callable[[Any, int, slice], Any], record: Callable[[int], None],
-              advance: Callable[[int], None] = lambda _images: None, carry: Any = None) -> None:
+    def drive(
+        self,
+        step: Callable[[Any, int, slice], Any],
+        record: Callable[[int], None],
+        advance: Callable[[int], None] = lambda _images: None,
+        carry: Any = None,
+    ) -> None:
         """Run every step and, at each evaluation point e, `record(e)`.
 
         `carry = step(carry, k, columns)` learns step k's `columns` of `order`; what a step computes
@@ -95,8 +121,13 @@ def no_accuracies(points: int, trajectories: int, classes: int) -> dict[str, np.
 
 
 @torch.no_grad()
-def measure(logits_of: Callable[[torch.Tensor], torch.Tensor], tasks: Tasks, trajectories: Trajectories,
-            chunk: int, device: torch.device) -> dict[str, np.ndarray]:
+def measure(
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    tasks: Tasks,
+    trajectories: Trajectories,
+    chunk: int,
+    device: torch.device,
+) -> dict[str, np.ndarray]:
     """Per-class accuracies of each trajectory on its run's train and test images: (T, classes) per kind.
 
     `logits_of(images)` maps (T, n) flat image indices to (T, n, outputs) logits of each
@@ -110,10 +141,10 @@ def measure(logits_of: Callable[[torch.Tensor], torch.Tensor], tasks: Tasks, tra
         per_class = images.shape[1] // tasks.classes
         top1, top5 = [], []
         for lo in range(0, images.shape[1], chunk):
-            logits = logits_of(images[:, lo:lo + chunk])
-            top1.append(logits.argmax(2) == target[:, lo:lo + chunk])
+            logits = logits_of(images[:, lo : lo + chunk])
+            top1.append(logits.argmax(2) == target[:, lo : lo + chunk])
             k = min(5, logits.shape[2])
-            top5.append((logits.topk(k, 2).indices == target[:, lo:lo + chunk, None]).any(2))
+            top5.append((logits.topk(k, 2).indices == target[:, lo : lo + chunk, None]).any(2))
         for suffix, hits in (("", top1), ("5", top5)):
             per = torch.cat(hits, 1).view(len(runs), -1, per_class).float().mean(2)
             accuracies[kind + suffix] = per.cpu().numpy()

@@ -6,10 +6,11 @@ zero-shot's least-squares head) runs on `linear_engine.LinearEngine` (stacked ma
 Adam), anything else on `vmap_engine.VmapEngine` (torch.func.vmap). Both follow the protocol's
 one schedule (`schedule.Schedule`) from the starting values of `reinit.Reinit`.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -32,8 +33,16 @@ FEATURE_BLOCK = 64
 class LRSweep:
     """Runs one protocol on one dataset split for a model, reusing frozen features across class counts."""
 
-    def __init__(self, model: nn.Module, images: torch.Tensor, protocol: ProtocolConfig, seed: int,
-                 split: str = "test", quiet: bool = True, log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        protocol: ProtocolConfig,
+        seed: int,
+        split: str = "test",
+        quiet: bool = True,
+        log: Callable[[str], None] | None = None,
+    ):
         """`images` is the split's (C, K, channels, H, W) tensor; the model is deep-copied, never changed."""
         check_protocol(protocol, images.shape[1])
         self.model = copy.deepcopy(model).eval()
@@ -43,16 +52,19 @@ class LRSweep:
         self.images = images.flatten(0, 1)
         self.protocol, self.seed, self.split, self.quiet = protocol, seed, split, quiet
         self.device = self.images.device
-        self.trainable = list(select_parameters(self.model, protocol.opt_params)) \
-            if protocol.eval_method != "zero-shot" else []
+        self.trainable = (
+            list(select_parameters(self.model, protocol.opt_params)) if protocol.eval_method != "zero-shot" else []
+        )
         """Names of the parameters that learn (none for zero-shot)."""
         reinit = list(select_parameters(self.model, protocol.reinit_params)) if protocol.reinit_params else []
         self.reinit = Reinit(self.model, reinit, protocol, seed, split)
         outputs = self._output_size()
         if self.num_classes > outputs:
-            raise ConfigError(f"labels are the split's class indices (as in the reference), but the model has "
-                              f"{outputs} outputs for {self.num_classes} classes; use a model with at least "
-                              f"{self.num_classes} outputs")
+            raise ConfigError(
+                f"labels are the split's class indices (as in the reference), but the model has "
+                f"{outputs} outputs for {self.num_classes} classes; use a model with at least "
+                f"{self.num_classes} outputs"
+            )
         self.frozen_encoder = not (set(self.trainable) & self._encoder_parameters())
         self.linear_head = self._linear_head()
         """(name, layer) of the one linear layer that learns (or, zero-shot, is fitted), else None."""
@@ -68,8 +80,9 @@ class LRSweep:
         return Trajectories.grid(self.protocol.learning_rates() if lrs is None else lrs, self.protocol.runs)
 
     # ---------------------------------------------------------------------------- running
-    def run(self, classes: int, trajectories: Trajectories | None = None, *,
-            return_weights: bool = False) -> MetaTestResult:
+    def run(
+        self, classes: int, trajectories: Trajectories | None = None, *, return_weights: bool = False
+    ) -> MetaTestResult:
         """Meta-test `trajectories` (default: every LR x run) on `classes` classes.
 
         The class draws, splits and starting values depend only on the run, so a trajectory's
@@ -80,15 +93,20 @@ class LRSweep:
         trajectories = self.trajectories() if trajectories is None else trajectories
         if trajectories.count == 0 or trajectories.run.min() < 0 or trajectories.run.max() >= p.runs:
             raise ValueError(f"trajectories must name runs 0..{p.runs - 1}, got {sorted(set(trajectories.run))}")
-        tasks = draw_tasks(self.num_classes, self.per_class, classes, p.train_examples, p.test_examples,
-                           p.runs, self.seed, self.split)
+        tasks = draw_tasks(
+            self.num_classes, self.per_class, classes, p.train_examples, p.test_examples, p.runs, self.seed, self.split
+        )
         schedule = Schedule.of(p, tasks, self.seed, self.split)
         engine, params, layer_input = self._engine(tasks)
         starts = {run: self.reinit.start(tasks, run, params, layer_input) for run in trajectories.runs}
         accuracies = no_accuracies(len(schedule.points), trajectories.count, classes)
         weights = []
-        bar = progress(total=trajectories.count * schedule.examples_seen, desc=f"{self.split} {classes} classes",
-                       quiet=self.quiet or not schedule.examples_seen, unit="step")
+        bar = progress(
+            total=trajectories.count * schedule.examples_seen,
+            desc=f"{self.split} {classes} classes",
+            quiet=self.quiet or not schedule.examples_seen,
+            unit="step",
+        )
         for where, group in trajectories.groups(engine.group_size(trajectories.count)):
             measured, learned = engine.run(group, tasks, schedule, starts, bar.update)
             for kind, values in measured.items():
@@ -96,16 +114,23 @@ class LRSweep:
             if return_weights:
                 weights.append(engine.flatten(learned))
         bar.close()
-        return MetaTestResult(trajectories, schedule.points, accuracies["train"], accuracies["test"],
-                              accuracies["train5"], accuracies["test5"],
-                              torch.cat(weights) if return_weights else None)
+        return MetaTestResult(
+            trajectories,
+            schedule.points,
+            accuracies["train"],
+            accuracies["test"],
+            accuracies["train5"],
+            accuracies["test5"],
+            torch.cat(weights) if return_weights else None,
+        )
 
     def initial_values(self, tasks: Tasks, run: int) -> dict[str, torch.Tensor]:
         """Run `run`'s starting values of the parameters that learn (the model's, re-initialised)."""
         return self.reinit.start(tasks, run, *self._engine(tasks)[1:])
 
-    def _engine(self, tasks: Tasks) -> tuple[LinearEngine | VmapEngine, list[str],
-                                             Callable[[nn.Module, torch.Tensor], torch.Tensor]]:
+    def _engine(
+        self, tasks: Tasks
+    ) -> tuple[LinearEngine | VmapEngine, list[str], Callable[[nn.Module, torch.Tensor], torch.Tensor]]:
         """The engine for these tasks, the parameters it trains, and how to get a layer's inputs for images."""
         needed = torch.cat([tasks.train.flatten(), tasks.test.flatten()])
         if self.linear_head is not None:
@@ -114,8 +139,11 @@ class LRSweep:
             return engine, engine.keys, lambda _layer, images: features[images]
         inputs = self.features(needed) if self.frozen_encoder else self.images
         engine = VmapEngine(self.model, self.trainable, inputs, self.frozen_encoder, self.protocol)
-        return engine, self.trainable, lambda layer, images: layer_inputs(self.model, layer, self.model,
-                                                                          self.images[images])
+        return (
+            engine,
+            self.trainable,
+            lambda layer, images: layer_inputs(self.model, layer, self.model, self.images[images]),
+        )
 
     # ---------------------------------------------------------------------------- features
     def features(self, needed: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,7 +159,7 @@ class LRSweep:
         if self._computed is not None:
             blocks = blocks[~self._computed[blocks]]
         for b in blocks.tolist():
-            images = self.images[b * block:(b + 1) * block]
+            images = self.images[b * block : (b + 1) * block]
             if self.linear_head is not None:
                 rows = layer_inputs(self.model, self.linear_head[1], self.model, images)
             else:
@@ -140,7 +168,7 @@ class LRSweep:
             if self._features is None:
                 self._features = rows.new_zeros(len(self.images), rows.shape[1])
                 self._computed = torch.zeros(-(-len(self.images) // block), dtype=torch.bool)
-            self._features[b * block:(b + 1) * block] = rows
+            self._features[b * block : (b + 1) * block] = rows
             self._computed[b] = True
         return self._features
 
@@ -169,8 +197,10 @@ class LRSweep:
         if self.protocol.eval_method == "zero-shot":  # the least-squares layer is the whole head
             name, layer = lstsq_layer(self.model, self.protocol.reinit_params)
             if not self._produces_output(layer):
-                raise ConfigError(f"zero-shot fits {name!r} by least squares and reads its outputs as the logits, "
-                                  f"but the model's output is not {name}'s; set reinit_params to the output layer")
+                raise ConfigError(
+                    f"zero-shot fits {name!r} by least squares and reads its outputs as the logits, "
+                    f"but the model's output is not {name}'s; set reinit_params to the output layer"
+                )
             return name, layer
         if not self.frozen_encoder or not self.trainable:
             return None

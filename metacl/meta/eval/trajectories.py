@@ -4,10 +4,11 @@ A `Trajectories` value is the single description of them. Engines advance them i
 (`Trajectories.groups`), and a result keeps it, so nothing recovers a trajectory's learning rate
 or run from its index.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch

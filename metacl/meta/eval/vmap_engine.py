@@ -4,9 +4,10 @@ Used for the OML two-layer head (on frozen encoder features) and the unfrozen me
 images, every parameter learning). Same interface as `linear_engine.LinearEngine`: `group_size`,
 `run`, `measure`, `flatten`.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -26,8 +27,9 @@ MEASURE_CHUNK = 256
 class VmapEngine:
     """Trajectories of the parameters `trainable` of `model`, the others frozen."""
 
-    def __init__(self, model: nn.Module, trainable: list[str], inputs: torch.Tensor, head_only: bool,
-                 protocol: ProtocolConfig):
+    def __init__(
+        self, model: nn.Module, trainable: list[str], inputs: torch.Tensor, head_only: bool, protocol: ProtocolConfig
+    ):
         """`inputs` are what the learning part reads per image: encoder features when `head_only`
         (the encoder is frozen, so `model.head` runs on them), else the images themselves."""
         self.trainable, self.inputs, self.protocol = trainable, inputs, protocol
@@ -47,12 +49,18 @@ class VmapEngine:
 
     def group_size(self, total: int) -> int:
         """Trajectories advanced together: as many as memory_gb holds (parameters, moments, activations)."""
-        return trajectories_in_memory(self.protocol.memory_gb, 6 * self.parameter_bytes
-                                      + self.inputs[0].numel() * 4 * 64, total)
+        return trajectories_in_memory(
+            self.protocol.memory_gb, 6 * self.parameter_bytes + self.inputs[0].numel() * 4 * 64, total
+        )
 
-    def run(self, trajectories: Trajectories, tasks: Tasks, schedule: Schedule,
-            starts: dict[int, dict[str, torch.Tensor]],
-            advance: Callable[[int], None]) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+    def run(
+        self,
+        trajectories: Trajectories,
+        tasks: Tasks,
+        schedule: Schedule,
+        starts: dict[int, dict[str, torch.Tensor]],
+        advance: Callable[[int], None],
+    ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
         """Advance `trajectories` from their runs' `starts` over `schedule`; return their
         accuracies ((points, T, classes) per kind) and their final stacked parameters."""
         runs = trajectories.run.tolist()
@@ -71,11 +79,13 @@ class VmapEngine:
         schedule.drive(step, record, lambda seen: advance(trajectories.count * seen))
         return accuracies, params
 
-    def measure(self, params: dict[str, torch.Tensor], tasks: Tasks,
-                trajectories: Trajectories) -> dict[str, np.ndarray]:
+    def measure(
+        self, params: dict[str, torch.Tensor], tasks: Tasks, trajectories: Trajectories
+    ) -> dict[str, np.ndarray]:
         """Per-class accuracies ((T, classes) per kind) of the stacked `params` on their runs' images."""
-        return measure(lambda x: self.logits_many(params, self.inputs[x]), tasks, trajectories, MEASURE_CHUNK,
-                       self.inputs.device)
+        return measure(
+            lambda x: self.logits_many(params, self.inputs[x]), tasks, trajectories, MEASURE_CHUNK, self.inputs.device
+        )
 
     def flatten(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """(T, parameters): each trajectory's learned parameters, concatenated in the model's order."""

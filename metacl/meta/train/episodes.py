@@ -5,6 +5,7 @@ meta batch: the trajectory's images (unless `remember_only`) and `remember_size`
 images drawn without replacement from every training image. All of it is one tensor, so each
 part of the model that the inner loop cannot change runs once per episode.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,8 +38,7 @@ class Episode:
 
     def inner_batches(self, cycles: int = 1) -> list[slice]:
         """Row slices of the inner steps, the whole trajectory repeated `cycles` times."""
-        one_pass = [slice(start, start + self.batch_size)
-                    for start in range(0, self.inner_size, self.batch_size)]
+        one_pass = [slice(start, start + self.batch_size) for start in range(0, self.inner_size, self.batch_size)]
         return one_pass * cycles
 
     @property
@@ -49,9 +49,17 @@ class Episode:
 class EpisodeSampler:
     """Draws episodes from `images` (classes, per_class, C, H, W) with one seeded generator."""
 
-    def __init__(self, images: torch.Tensor, generator: torch.Generator, *,
-                 sample_method: SampleMethod = "single", batch_size: int = 1,
-                 num_batches: int = 20, remember_size: int = 64, remember_only: bool = False):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator,
+        *,
+        sample_method: SampleMethod = "single",
+        batch_size: int = 1,
+        num_batches: int = 20,
+        remember_size: int = 64,
+        remember_only: bool = False,
+    ):
         self.images = images
         self.num_classes, self.per_class = images.shape[:2]
         self.generator = generator
@@ -62,11 +70,15 @@ class EpisodeSampler:
             raise ConfigError(f"unknown sample_method {sample_method!r}; valid: single, uniform")
         inner = batch_size * num_batches
         if sample_method == "single" and inner > self.per_class:
-            raise ConfigError(f"an episode of num_batches * batch_size = {inner} images exceeds the "
-                              f"{self.per_class} images per class (sample_method single)")
+            raise ConfigError(
+                f"an episode of num_batches * batch_size = {inner} images exceeds the "
+                f"{self.per_class} images per class (sample_method single)"
+            )
         if inner > self.num_classes * self.per_class or remember_size > self.num_classes * self.per_class:
-            raise ConfigError(f"episode sizes ({inner} inner, {remember_size} remember) exceed the "
-                              f"{self.num_classes * self.per_class} training images")
+            raise ConfigError(
+                f"episode sizes ({inner} inner, {remember_size} remember) exceed the "
+                f"{self.num_classes * self.per_class} training images"
+            )
 
     def _randperm(self, n: int, k: int) -> torch.Tensor:
         return torch.randperm(n, generator=self.generator)[:k]
@@ -85,5 +97,4 @@ class EpisodeSampler:
         index = torch.cat([inner_index, remember % self.per_class])
         device = self.images.device
         classes, index = classes.to(device), index.to(device)
-        return Episode(self.images[classes, index], classes, inner, self.batch_size,
-                       self.remember_only)
+        return Episode(self.images[classes, index], classes, inner, self.batch_size, self.remember_only)

@@ -12,6 +12,7 @@ Models: `model.pt` at the end and `models/step-<n>.pt` at each of `eval_steps` (
 checkpoints: state dict + model spec), plus `checkpoints/last.pt` (model, optimiser and RNG
 state) every `checkpoint_every` steps, so `--resume` continues exactly.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,8 +51,10 @@ class DataConfig:
     """Classes held out of training as a validation pool (0: none)."""
     augment: bool = False
     """Random-resized-crop augmentation of each episode's (or batch's) images."""
-    crop_scale: tuple[Annotated[float, Range(0, 1, low_open=True)],
-                      Annotated[float, Range(0, 1, low_open=True)]] = (0.8, 1.0)
+    crop_scale: tuple[Annotated[float, Range(0, 1, low_open=True)], Annotated[float, Range(0, 1, low_open=True)]] = (
+        0.8,
+        1.0,
+    )
     """Area range of the random-resized crop."""
 
 
@@ -129,16 +132,25 @@ class Config(ExperimentConfig):
         if unknown:
             raise ConfigError(f"meta_test.splits has {sorted(unknown)}: valid splits are {' and '.join(SPLITS)}")
         if "val" in self.meta_test.splits and not self.data.val_classes:
-            raise ConfigError("meta_test.splits includes val, but data.val_classes is 0: hold out "
-                              "validation classes (e.g. data.val_classes=100) or drop val")
+            raise ConfigError(
+                "meta_test.splits includes val, but data.val_classes is 0: hold out "
+                "validation classes (e.g. data.val_classes=100) or drop val"
+            )
 
 
 def load_pools(config: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The training and (optional) validation class images, resident on `device`."""
     from ..data import load_dataset, split_classes
-    data = load_dataset(config.data.dataset, config.data.split, size=config.data.image_size,
-                        data_dir=config.data_dir, device=device, first_963=config.data.first_963,
-                        quiet=config.quiet)
+
+    data = load_dataset(
+        config.data.dataset,
+        config.data.split,
+        size=config.data.image_size,
+        data_dir=config.data_dir,
+        device=device,
+        first_963=config.data.first_963,
+        quiet=config.quiet,
+    )
     if config.data.val_classes <= 0:
         return data.images, None
     train, val = split_classes(data, config.data.val_classes, config.seed)
@@ -148,8 +160,15 @@ def load_pools(config: Config, device: torch.device) -> tuple[torch.Tensor, torc
 def load_test_pool(config: Config, device: torch.device) -> torch.Tensor:
     """The meta-test classes' images (`meta_test.test_split`), resident on `device`."""
     from ..data import load_dataset
-    return load_dataset(config.data.dataset, config.meta_test.test_split, size=config.data.image_size,
-                        data_dir=config.data_dir, device=device, quiet=config.quiet).images
+
+    return load_dataset(
+        config.data.dataset,
+        config.meta_test.test_split,
+        size=config.data.image_size,
+        data_dir=config.data_dir,
+        device=device,
+        quiet=config.quiet,
+    ).images
 
 
 def augmenter(config: Config, generator: torch.Generator):
@@ -157,6 +176,7 @@ def augmenter(config: Config, generator: torch.Generator):
     if not config.data.augment:
         return lambda images: images
     from ..data import random_resized_crop
+
     return lambda images: random_resized_crop(images, generator, config.data.crop_scale)
 
 
@@ -170,11 +190,15 @@ def build(config: Config, num_classes: int, device: torch.device) -> torch.nn.Mo
             raise ConfigError(f"model {config.model}: {error}") from None
     fc = getattr(model, "fc", None)
     if not isinstance(fc, torch.nn.Linear):
-        raise ConfigError(f"model {config.model.get('name')!r} has no nn.Linear named fc; "
-                          f"meta-training zaps the rows of its output layer `fc`")
+        raise ConfigError(
+            f"model {config.model.get('name')!r} has no nn.Linear named fc; "
+            f"meta-training zaps the rows of its output layer `fc`"
+        )
     if fc.out_features < num_classes:
-        raise ConfigError(f"model has {fc.out_features} outputs but the training pool has "
-                          f"{num_classes} classes; set model.num_classes >= {num_classes}")
+        raise ConfigError(
+            f"model has {fc.out_features} outputs but the training pool has "
+            f"{num_classes} classes; set model.num_classes >= {num_classes}"
+        )
     return model.to(device)
 
 
@@ -183,24 +207,30 @@ def check_input(model: torch.nn.Module, images: torch.Tensor) -> None:
         with torch.no_grad():
             model(images[:1, 0])
     except (RuntimeError, ValueError) as error:
-        raise ConfigError(f"model cannot read images of shape {tuple(images.shape[2:])}: {error}; "
-                          f"set model.image_size / in_channels to match data.image_size") from None
+        raise ConfigError(
+            f"model cannot read images of shape {tuple(images.shape[2:])}: {error}; "
+            f"set model.image_size / in_channels to match data.image_size"
+        ) from None
 
 
 def run(config: Config, run) -> dict:
     device = run.device
     train_images, val_images = load_pools(config, device)
-    run.check_data({"dataset": config.data.dataset, "split": config.data.split,
-                    "train_pool": list(train_images.shape), "content": tensor_digest(
-                        train_images, *(() if val_images is None else (val_images,)))})
+    run.check_data(
+        {
+            "dataset": config.data.dataset,
+            "split": config.data.split,
+            "train_pool": list(train_images.shape),
+            "content": tensor_digest(train_images, *(() if val_images is None else (val_images,))),
+        }
+    )
     model = build(config, train_images.shape[0], device)
     check_input(model, train_images)
-    streams = {name: torch_generator(config.seed, name)
-               for name in ("sample", "zap", "eval", "augment")}
-    algorithm = algorithm_class(config.algorithm)(model, train_images, config.train, streams,
-                                                  augmenter(config, streams["augment"]))
-    trial_params = (list(select_parameters(model, config.eval.params)) if config.eval.params
-                    else algorithm.trial_params)
+    streams = {name: torch_generator(config.seed, name) for name in ("sample", "zap", "eval", "augment")}
+    algorithm = algorithm_class(config.algorithm)(
+        model, train_images, config.train, streams, augmenter(config, streams["augment"])
+    )
+    trial_params = list(select_parameters(model, config.eval.params)) if config.eval.params else algorithm.trial_params
     trial_lr = config.eval.lr if config.eval.lr is not None else algorithm.trial_lr
 
     def evaluate(step: int) -> None:
@@ -213,10 +243,16 @@ def run(config: Config, run) -> dict:
                 continue
             n = min(config.eval.classes, pool.shape[0])
             classes = torch.randperm(pool.shape[0], generator=streams["eval"])[:n]
-            acc = continual_trial(fmodel, params, trial_params, pool[classes.to(pool.device)],
-                                  trial_lr, config.eval.train_per_class, streams["eval"])
-            run.table("eval").append({"step": step, "pool": pool_name, "classes": n,
-                                      "accuracy": acc})
+            acc = continual_trial(
+                fmodel,
+                params,
+                trial_params,
+                pool[classes.to(pool.device)],
+                trial_lr,
+                config.eval.train_per_class,
+                streams["eval"],
+            )
+            run.table("eval").append({"step": step, "pool": pool_name, "classes": n, "accuracy": acc})
             run.tracker.log({f"meta_train/{pool_name}_trial_acc": acc}, step)
         model.train(was_training)
 
@@ -225,20 +261,32 @@ def run(config: Config, run) -> dict:
     def meta_test(step: int) -> None:
         for split in config.meta_test.splits:
             images = val_images if split == "val" else test_pool()
-            frame = meta_test_model(model, config.meta_test.protocol, images, seed=config.seed,
-                                    split=split, model_name=f"{config.model.get('name')}@step-{step}",
-                                    dataset=config.data.dataset, log=run.log.info)
+            frame = meta_test_model(
+                model,
+                config.meta_test.protocol,
+                images,
+                seed=config.seed,
+                split=split,
+                model_name=f"{config.model.get('name')}@step-{step}",
+                dataset=config.data.dataset,
+                log=run.log.info,
+            )
             run.table("meta_test").append(frame.assign(step=step).to_dict("records"))
             for best in best_learning_rates(frame).itertuples():
                 run.tracker.log({f"meta_test/{split}_{best.classes}_classes_best_lr_acc": float(best.test_acc)}, step)
-                run.log.info("meta-test at step %d, %s split, %d classes: held-out image accuracy %.4f "
-                             "at its best LR %g", step, split, best.classes, best.test_acc, best.lr)
+                run.log.info(
+                    "meta-test at step %d, %s split, %d classes: held-out image accuracy %.4f at its best LR %g",
+                    step,
+                    split,
+                    best.classes,
+                    best.test_acc,
+                    best.lr,
+                )
 
     def save(path, step: int) -> None:
         save_model(model, path, step=step, data=training_data_record(config))
 
-    loop = TrainingLoop(model, algorithm, streams, run, config, evaluate=evaluate,
-                        meta_test=meta_test, save_model=save)
+    loop = TrainingLoop(model, algorithm, streams, run, config, evaluate=evaluate, meta_test=meta_test, save_model=save)
     state = run.load_checkpoint()
     if state is not None:
         loop.restore(state)
@@ -248,7 +296,13 @@ def run(config: Config, run) -> dict:
 def training_data_record(config: Config) -> dict[str, Any]:
     """What `metacl meta eval` needs to rebuild this run's validation split from a saved model."""
     from ...core.paths import data_dir
-    return {"dataset": config.data.dataset, "split": config.data.split,
-            "image_size": config.data.image_size, "val_classes": config.data.val_classes,
-            "split_seed": config.seed, "first_963": config.data.first_963,
-            "data_dir": str(data_dir(config.data_dir).resolve())}
+
+    return {
+        "dataset": config.data.dataset,
+        "split": config.data.split,
+        "image_size": config.data.image_size,
+        "val_classes": config.data.val_classes,
+        "split_seed": config.seed,
+        "first_963": config.data.first_963,
+        "data_dir": str(data_dir(config.data_dir).resolve()),
+    }

@@ -6,6 +6,7 @@ maths, `fast[n] = fast[n] - lr * grad`, with grads from `torch.autograd.grad`; w
 `create_graph=True` the meta-loss is differentiable through every step (second order), with
 False it is the first-order approximation.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,8 +61,9 @@ class FunctionalModel:
         """The per-image work shared by every step of an episode (None when nothing is shared)."""
         return None if self.reuse is None else self(params, images, stage=self.reuse)
 
-    def logits(self, params: dict[str, torch.Tensor], images: torch.Tensor,
-               shared: torch.Tensor | None, rows: slice) -> torch.Tensor:
+    def logits(
+        self, params: dict[str, torch.Tensor], images: torch.Tensor, shared: torch.Tensor | None, rows: slice
+    ) -> torch.Tensor:
         if self.reuse == "encode":
             assert shared is not None
             return self(params, shared[rows], stage="head")
@@ -82,13 +84,22 @@ class InnerStats:
     def summary(self) -> dict[str, float]:
         if not self.losses:
             return {"inner_loss": float("nan"), "inner_acc": float("nan")}
-        return {"inner_loss": float(torch.stack(self.losses).mean()),
-                "inner_acc": float(torch.stack(self.correct).sum()) / self.count}
+        return {
+            "inner_loss": float(torch.stack(self.losses).mean()),
+            "inner_acc": float(torch.stack(self.correct).sum()) / self.count,
+        }
 
 
-def inner_loop(fmodel: FunctionalModel, params: dict[str, torch.Tensor], inner_names: list[str],
-               episode: Episode, lr: float, cycles: int, create_graph: bool,
-               shared: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], InnerStats]:
+def inner_loop(
+    fmodel: FunctionalModel,
+    params: dict[str, torch.Tensor],
+    inner_names: list[str],
+    episode: Episode,
+    lr: float,
+    cycles: int,
+    create_graph: bool,
+    shared: torch.Tensor | None,
+) -> tuple[dict[str, torch.Tensor], InnerStats]:
     """SGD on the inner parameters through the episode's trajectory; returns the fast weights."""
     fast = dict(params)
     stats = InnerStats([], [], 0)
@@ -96,8 +107,9 @@ def inner_loop(fmodel: FunctionalModel, params: dict[str, torch.Tensor], inner_n
         labels = episode.labels[rows]
         logits = fmodel.logits(fast, episode.images, shared, rows)
         loss = F.cross_entropy(logits, labels)
-        grads = torch.autograd.grad(loss, [fast[n] for n in inner_names],
-                                    create_graph=create_graph, materialize_grads=True)
+        grads = torch.autograd.grad(
+            loss, [fast[n] for n in inner_names], create_graph=create_graph, materialize_grads=True
+        )
         for name, grad in zip(inner_names, grads):
             fast[name] = fast[name] - lr * grad
         stats.losses.append(loss.detach())
@@ -106,9 +118,15 @@ def inner_loop(fmodel: FunctionalModel, params: dict[str, torch.Tensor], inner_n
     return fast, stats
 
 
-def meta_loss(fmodel: FunctionalModel, params: dict[str, torch.Tensor], inner_names: list[str],
-              episode: Episode, lr: float, cycles: int = 1, create_graph: bool = True
-              ) -> tuple[torch.Tensor, torch.Tensor, InnerStats]:
+def meta_loss(
+    fmodel: FunctionalModel,
+    params: dict[str, torch.Tensor],
+    inner_names: list[str],
+    episode: Episode,
+    lr: float,
+    cycles: int = 1,
+    create_graph: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, InnerStats]:
     """(meta-loss, meta logits, inner stats): the loss after the inner loop, on the meta batch."""
     shared = fmodel.prepare(params, episode.images)
     fast, stats = inner_loop(fmodel, params, inner_names, episode, lr, cycles, create_graph, shared)
@@ -116,9 +134,15 @@ def meta_loss(fmodel: FunctionalModel, params: dict[str, torch.Tensor], inner_na
     return F.cross_entropy(logits, episode.labels[episode.meta_rows]), logits, stats
 
 
-def continual_trial(fmodel: FunctionalModel, params: dict[str, torch.Tensor],
-                    inner_names: list[str], images: torch.Tensor, lr: float,
-                    train_per_class: int, generator: torch.Generator) -> float:
+def continual_trial(
+    fmodel: FunctionalModel,
+    params: dict[str, torch.Tensor],
+    inner_names: list[str],
+    images: torch.Tensor,
+    lr: float,
+    train_per_class: int,
+    generator: torch.Generator,
+) -> float:
     """Accuracy after learning `images` (classes, per_class, ...) one class after another.
 
     The classes take output rows 0..n-1; the whole output layer is zapped first (as the
@@ -131,8 +155,9 @@ def continual_trial(fmodel: FunctionalModel, params: dict[str, torch.Tensor],
     zap_rows(params["fc.weight"], torch.arange(params["fc.weight"].shape[0]), generator)
     labels = torch.arange(num_classes, device=images.device).repeat_interleave(per_class)
     flat = images.reshape(num_classes * per_class, *images.shape[2:])
-    order = (torch.arange(num_classes)[:, None] * per_class
-             + torch.arange(train_per_class)[None, :]).reshape(-1).tolist()
+    order = (
+        (torch.arange(num_classes)[:, None] * per_class + torch.arange(train_per_class)[None, :]).reshape(-1).tolist()
+    )
     test = torch.ones(num_classes, per_class, dtype=torch.bool)
     test[:, :train_per_class] = False
     test = test.reshape(-1).to(images.device)

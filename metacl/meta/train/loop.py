@@ -5,12 +5,14 @@ state, every random stream, the step and the metrics window not yet logged); `re
 back. The algorithm's state sits at the top level of the checkpoint (`optimizer`, `order`), so
 checkpoints written before algorithms had their own modules still resume.
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,18 +23,31 @@ from ...core.seeding import generator_state, set_generator_state
 
 
 class TrainingLoop:
-    def __init__(self, model: nn.Module, algorithm: Any, streams: dict[str, torch.Generator], run,
-                 config, *, evaluate: Callable[[int], None], meta_test: Callable[[int], None],
-                 save_model: Callable[[Path, int], None]):
+    def __init__(
+        self,
+        model: nn.Module,
+        algorithm: Any,
+        streams: dict[str, torch.Generator],
+        run,
+        config,
+        *,
+        evaluate: Callable[[int], None],
+        meta_test: Callable[[int], None],
+        save_model: Callable[[Path, int], None],
+    ):
         self.model, self.algorithm, self.streams, self.run, self.config = model, algorithm, streams, run, config
         self.evaluate, self.meta_test, self.save_model = evaluate, meta_test, save_model
         self.step = 0
         self.window: list[dict[str, float]] = []  # metrics of the steps since the last train-table row
 
     def state(self) -> dict[str, Any]:
-        return {"step": self.step, "model": self.model.state_dict(), "window": self.window,
-                "rng": {name: generator_state(g) for name, g in self.streams.items()},
-                **self.algorithm.state_dict()}
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "window": self.window,
+            "rng": {name: generator_state(g) for name, g in self.streams.items()},
+            **self.algorithm.state_dict(),
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -47,15 +62,16 @@ class TrainingLoop:
     def train(self) -> dict[str, float]:
         config, run, total = self.config, self.run, self.algorithm.steps
         started = time.perf_counter()
-        bar = progress(total=total, initial=self.step, desc=config.algorithm, quiet=config.quiet,
-                       unit="step")
+        bar = progress(total=total, initial=self.step, desc=config.algorithm, quiet=config.quiet, unit="step")
         try:
             while self.step < total:
                 metrics = self.algorithm.step(self.step)
                 loss = metrics.get("meta_loss", metrics.get("loss"))
                 if loss is not None and not math.isfinite(loss):
-                    raise RunDiverged(f"the loss became {loss} at step {self.step + 1} (checkpoints "
-                                      f"before it are finite); lower the learning rate")
+                    raise RunDiverged(
+                        f"the loss became {loss} at step {self.step + 1} (checkpoints "
+                        f"before it are finite); lower the learning rate"
+                    )
                 self.step += 1
                 bar.update()
                 self.window.append(metrics)

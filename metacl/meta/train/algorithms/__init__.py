@@ -19,12 +19,14 @@ module imported before the config is loaded (a test's toy algorithm). It has
     state_dict() / load_state_dict(state)
                            everything else exact resume needs (optimiser, sampling order)
 """
+
 from __future__ import annotations
 
 import importlib
 import math
 import pkgutil
-from typing import Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -59,6 +61,7 @@ def register_algorithm(name: str) -> Callable[[type], type]:
             raise ValueError(f"algorithm {name!r} is registered twice")
         _REGISTRY[name] = cls
         return cls
+
     return decorate
 
 
@@ -74,8 +77,9 @@ def algorithm_class(name: str) -> type:
     return _REGISTRY[name]
 
 
-def apply_gradients(params: Sequence[torch.Tensor], grads: tuple[torch.Tensor, ...],
-                    max_grad_norm: float) -> torch.Tensor:
+def apply_gradients(
+    params: Sequence[torch.Tensor], grads: tuple[torch.Tensor, ...], max_grad_norm: float
+) -> torch.Tensor:
     """Set .grad from `grads`, clip to `max_grad_norm` (0: no clipping); return the norm before."""
     for param, grad in zip(params, grads):
         param.grad = grad

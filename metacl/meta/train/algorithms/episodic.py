@@ -1,6 +1,7 @@
 """What the episodic algorithms (`meta`, `sequential_episodic`) share: the episode config, the
 sampler, zapping, the outer Adam step and its state. Each algorithm defines only how an episode
 turns into the loss whose gradient the outer step follows (`outer_loss`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -52,8 +53,14 @@ class EpisodicAlgorithm:
 
     Config = EpisodeConfig
 
-    def __init__(self, model: nn.Module, pool: torch.Tensor, config: EpisodeConfig,
-                 streams: dict[str, torch.Generator], augment: Augment = no_augment):
+    def __init__(
+        self,
+        model: nn.Module,
+        pool: torch.Tensor,
+        config: EpisodeConfig,
+        streams: dict[str, torch.Generator],
+        augment: Augment = no_augment,
+    ):
         self.model, self.config, self.streams, self.augment = model, config, streams, augment
         self.params = dict(model.named_parameters())
         self.inner_names = list(select_parameters(model, config.inner_params))
@@ -61,10 +68,15 @@ class EpisodicAlgorithm:
         self.outer = [self.params[n] for n in self.outer_names]
         self.fmodel = FunctionalModel(model, self.inner_names)
         self.optimizer = torch.optim.Adam(self.outer, lr=config.outer_lr)
-        self.sampler = EpisodeSampler(pool, streams["sample"], sample_method=config.sample_method,
-                                      batch_size=config.batch_size, num_batches=config.num_batches,
-                                      remember_size=config.remember_size,
-                                      remember_only=config.remember_only)
+        self.sampler = EpisodeSampler(
+            pool,
+            streams["sample"],
+            sample_method=config.sample_method,
+            batch_size=config.batch_size,
+            num_batches=config.num_batches,
+            remember_size=config.remember_size,
+            remember_only=config.remember_only,
+        )
         self.steps = config.episodes
         self.trial_params, self.trial_lr = self.inner_names, config.inner_lr
 
@@ -87,8 +99,7 @@ class EpisodicAlgorithm:
         self.optimizer.zero_grad(set_to_none=True)
         acc = (logits.detach().argmax(1) == episode.labels[episode.meta_rows]).float().mean()
         meta_loss_value, meta_acc, grad_norm = torch.stack([loss.detach(), acc, norm]).tolist()
-        return {**stats.summary(), "meta_loss": meta_loss_value, "meta_acc": meta_acc,
-                "grad_norm": grad_norm}
+        return {**stats.summary(), "meta_loss": meta_loss_value, "meta_acc": meta_acc, "grad_norm": grad_norm}
 
     def meta_batch_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(episode.images[episode.meta_rows])

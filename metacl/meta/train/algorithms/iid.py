@@ -1,5 +1,6 @@
 """`iid`: ordinary minibatch pre-training of the whole model (higherANML's iid baseline),
 optionally zapping random output rows every few steps."""
+
 from __future__ import annotations
 
 import math
@@ -63,16 +64,24 @@ class IID:
 
     Config = IIDConfig
 
-    def __init__(self, model: nn.Module, pool: torch.Tensor, config: IIDConfig,
-                 streams: dict[str, torch.Generator], augment: Augment = no_augment):
+    def __init__(
+        self,
+        model: nn.Module,
+        pool: torch.Tensor,
+        config: IIDConfig,
+        streams: dict[str, torch.Generator],
+        augment: Augment = no_augment,
+    ):
         self.model, self.config, self.streams, self.augment = model, config, streams, augment
         self.params = list(model.parameters())
         if config.optimizer == "adam":
             self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
-                self.params, lr=config.lr, weight_decay=config.weight_decay)
+                self.params, lr=config.lr, weight_decay=config.weight_decay
+            )
         else:
-            self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum,
-                                             weight_decay=config.weight_decay)
+            self.optimizer = torch.optim.SGD(
+                self.params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            )
         self.per_class = pool.shape[1]
         self.images = pool.reshape(pool.shape[0] * pool.shape[1], *pool.shape[2:])
         self.order = torch.empty(0, dtype=torch.long)
@@ -87,15 +96,13 @@ class IID:
         config = self.config
         if config.zap_every and config.zap_size and step % config.zap_every == 0:
             rows = torch.randperm(self.fc.out_features, generator=self.streams["zap"])
-            zap_rows(self.fc.weight, rows[:config.zap_size], self.streams["zap"])
+            zap_rows(self.fc.weight, rows[: config.zap_size], self.streams["zap"])
         if len(self.order) < config.batch_size:
-            self.order = torch.cat([self.order, torch.randperm(len(self.images),
-                                                               generator=self.streams["sample"])])
-        batch, self.order = self.order[:config.batch_size], self.order[config.batch_size:]
+            self.order = torch.cat([self.order, torch.randperm(len(self.images), generator=self.streams["sample"])])
+        batch, self.order = self.order[: config.batch_size], self.order[config.batch_size :]
         batch = batch.to(self.images.device)
         images = self.augment(self.images[batch])
-        lr = config.lr * lr_factor(config.schedule, step, config.max_steps, config.step_size,
-                                   config.gamma)
+        lr = config.lr * lr_factor(config.schedule, step, config.max_steps, config.step_size, config.gamma)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         labels = batch // self.per_class

@@ -4,13 +4,14 @@ Plain SGD through the trajectory, then one Adam step on the meta batch at the we
 reached. Inner-loop gradients never reach the Adam step: each is returned by autograd.grad and
 applied at once, never accumulated into .grad as in the reference.
 """
+
 from __future__ import annotations
 
 import torch
 
+from ..functional import inner_loop
 from . import register_algorithm
 from .episodic import EpisodicAlgorithm
-from ..functional import inner_loop
 
 
 @register_algorithm("sequential_episodic")
@@ -18,8 +19,16 @@ class SequentialEpisodic(EpisodicAlgorithm):
     def outer_loss(self, episode):
         with torch.no_grad():
             shared = self.fmodel.prepare(self.params, episode.images)
-        fast, stats = inner_loop(self.fmodel, self.params, self.inner_names, episode,
-                                 self.config.inner_lr, self.config.train_cycles, False, shared)
+        fast, stats = inner_loop(
+            self.fmodel,
+            self.params,
+            self.inner_names,
+            episode,
+            self.config.inner_lr,
+            self.config.train_cycles,
+            False,
+            shared,
+        )
         with torch.no_grad():
             for name in self.inner_names:
                 self.params[name].copy_(fast[name])
