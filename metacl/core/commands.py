@@ -4,6 +4,10 @@ domain `cli` modules import them; the top-level `metacl.cli` only assembles the 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the run module imports torch, which `metacl --help` should not wait for
+    from .run import Mode
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, config_help: str = "YAML config file") -> None:
@@ -30,7 +34,7 @@ def add_mode_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_mode(args: argparse.Namespace) -> str:
+def run_mode(args: argparse.Namespace) -> Mode:
     return "resume" if args.resume else "overwrite" if args.overwrite else "new"
 
 

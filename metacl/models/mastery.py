@@ -87,7 +87,7 @@ class CnnMlp(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Query-independent image features (only for models with query_dependent_features False)."""
-        return self.conv_features(x, None)
+        return self.conv_features(x, None)  # type: ignore[arg-type]  # the plain model ignores the query
 
     def head(self, features: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         return self.mlp(torch.cat([features, query], dim=1))
