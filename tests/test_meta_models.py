@@ -54,9 +54,16 @@ def test_oml_shapes_head_and_initialisation():
     assert z.shape == (2, 2304)
     assert torch.allclose(model(x), model.fc(torch.relu(model.fc1(z))))
     assert (model.fc1.in_features, model.fc1.out_features, model.fc.out_features) == (2304, 1024, 10)
-    assert all(not m.bias.any() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     expected_std = (2 / 2304) ** 0.5  # 256 -> 256 conv, fan-in 2304: kaiming-normal
     assert abs(model.encoder[2].weight.std().item() - expected_std) < 0.02 * expected_std
+    # as the reference: conv biases and both linear layers keep PyTorch's default (uniform in
+    # +-1/sqrt(fan_in), std 1/sqrt(3 fan_in)), not kaiming-normal with zero biases
+    for layer, fan_in in ((model.encoder[2], 2304), (model.fc1, 2304), (model.fc, 1024)):
+        bound = fan_in**-0.5
+        assert layer.bias.abs().max() <= bound and layer.bias.abs().max() > 0.5 * bound
+    for layer, fan_in in ((model.fc1, 2304), (model.fc, 1024)):
+        assert layer.weight.abs().max() <= fan_in**-0.5
+        assert abs(layer.weight.std().item() - (3 * fan_in) ** -0.5) < 0.05 * (3 * fan_in) ** -0.5
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,8 @@ from .registry import register_model
 
 @register_model("oml")
 class OML(EncoderClassifier):
-    """The OML network; kaiming-normal weights and zero biases everywhere."""
+    """The OML network, initialised as the reference's train-omni-oml.yml: kaiming-normal conv
+    weights; conv biases and both linear layers keep PyTorch's default initialisation."""
 
     head_prefixes = ("fc1.", "fc.")
 
@@ -38,7 +39,7 @@ class OML(EncoderClassifier):
         self.feature_dim = output_size(self.encoder, in_channels, image_size)
         self.fc1 = nn.Linear(self.feature_dim, hidden)
         self.fc = nn.Linear(hidden, num_classes)
-        kaiming_init_(self, zero_bias=True)
+        kaiming_init_(self.encoder)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x).flatten(1)
