@@ -116,7 +116,8 @@ def test_slurm_preemption_and_requeue_resume_exactly(slurm, toy_config, tmp_path
     assert job not in active_jobs()
 
     ref_dir, final = reference(tmp_path, *overrides)
-    assert status(run.path) == {"status": "complete", "final": final}
+    recorded = status(run.path)
+    assert (recorded["status"], recorded["final"]) == ("complete", final)
     assert_same_tables(run.path, ref_dir)
     text = log.read_text()
     assert text.count("received SIGTERM") == 2 and text.count("resumed from") == 2
