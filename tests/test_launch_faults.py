@@ -211,3 +211,31 @@ def test_sweep_relaunch_after_kill_9_resumes(tmp_path, capsys):
     )
     assert status(second)["final"] == execute(reference)[1]
     assert "resumed from" in (second / "log.txt").read_text()
+
+
+def test_a_sweep_launched_again_while_running_waits_for_the_runs_held_elsewhere(tmp_path, capsys):
+    """The second launcher finds the run locked by the first one's worker: it reports it as
+    running elsewhere, waits, and exits 0 once the run completes (not 1 with "re-launch")."""
+    config = tmp_path / "toy.yaml"
+    config.write_text(f"experiment: {TOY}\ndevice: cpu\nout_dir: {tmp_path}\n")
+    args = [
+        "sweep",
+        str(config),
+        *SLOW_TOY,
+        "walk.steps=200",
+        "--grid",
+        "walk.scale=1",
+        "--workers",
+        "1",
+        "--threads",
+        "1",
+    ]
+    run = tmp_path / "toy" / "walk.scale=1"
+    first = ThreadPoolExecutor(1).submit(main, args)
+    wait_until(lambda: (run / "checkpoints" / "last.pt").exists() or first.done(), what="the first checkpoint")
+    assert not first.done(), "the run finished before the second launch"
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "running elsewhere" in out and "1 complete" in out
+    assert first.result(timeout=120) == 0
+    assert status(run)["status"] == "complete"
