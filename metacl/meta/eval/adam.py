@@ -122,6 +122,12 @@ class FusedLinearStep:
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         if self.function is not None:
             return self.function(*args)
+        # one specialised kernel per group shape (trajectory count and strides vary between the
+        # validation sweep, memory-sized chunks and the test split's single-LR groups): allow more
+        # than dynamo's default 8 before it silently falls back to eager steps
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         compiled = torch.compile(linear_step, dynamic=False)
         try:
             result = compiled(*args)  # compilation happens before any input is modified
