@@ -489,3 +489,19 @@ def test_old_iid_configs_with_an_iid_section_still_load():
         None, ["algorithm=iid", "iid.max_steps=7", "train.episodes=3", "data.val_classes=0"], "meta-train"
     )
     assert config.train.max_steps == 7 and not hasattr(config, "iid")
+
+
+def test_one_random_zap_is_the_references_uniform_zap():
+    """With sample_method uniform the reference zapped one random class, not the trajectory's."""
+    model = tiny_model()
+    episode = EpisodeSampler(
+        pool(), torch.Generator().manual_seed(0), sample_method="uniform", num_batches=6, remember_size=2
+    ).sample()
+    assert len(episode.inner_classes) > 1
+    before = model.fc.weight.detach().clone()
+    trainer(Meta, model, ["fc.weight", "fc.bias"], ["rln.0.0.weight"], zap_seed=5, zap_rows="one_random").train_episode(
+        episode
+    )
+    changed = (model.fc.weight != before).any(1).nonzero().flatten().tolist()
+    expected = torch.randint(6, (1,), generator=torch.Generator().manual_seed(5)).tolist()
+    assert changed == expected

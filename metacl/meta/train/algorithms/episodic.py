@@ -5,7 +5,7 @@ turns into the loss whose gradient the outer step follows (`outer_loss`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,11 @@ class EpisodeConfig:
     outer_params: Annotated[list[str], NonEmpty()] = field(default_factory=lambda: ["all"])
     """Parameter-name prefixes the outer Adam step updates."""
     zap: bool = True
-    """Re-initialise (kaiming-normal) the output rows of the episode's classes first."""
+    """Re-initialise (kaiming-normal) output rows before each episode (which: zap_rows)."""
+    zap_rows: Literal["episode", "one_random"] = "episode"
+    """episode: every class of the inner trajectory (one class with sample_method single);
+    one_random: one random training class, whatever the trajectory holds, as the reference did
+    with sample_method uniform (with single both zap the trajectory's class)."""
     max_grad_norm: NonNegativeFloat = 0.0
     """Clip the outer gradient to this norm (0: no clipping)."""
 
@@ -91,7 +95,10 @@ class EpisodicAlgorithm:
 
     def train_episode(self, episode: Episode) -> dict[str, float]:
         if self.config.zap:
-            zap_rows(self.params["fc.weight"], episode.inner_classes, self.streams["zap"])
+            rows = episode.inner_classes
+            if self.config.zap_rows == "one_random":
+                rows = torch.randint(self.sampler.num_classes, (1,), generator=self.streams["zap"])
+            zap_rows(self.params["fc.weight"], rows, self.streams["zap"])
         loss, logits, stats = self.outer_loss(episode)
         grads = torch.autograd.grad(loss, self.outer, materialize_grads=True)
         norm = apply_gradients(self.outer, grads, self.config.max_grad_norm)
