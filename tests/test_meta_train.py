@@ -505,3 +505,22 @@ def test_one_random_zap_is_the_references_uniform_zap():
     changed = (model.fc.weight != before).any(1).nonzero().flatten().tolist()
     expected = torch.randint(6, (1,), generator=torch.Generator().manual_seed(5)).tolist()
     assert changed == expected
+
+
+def test_images_per_class_trains_on_the_first_drawings(tmp_path, monkeypatch):
+    import metacl.meta.data as meta_data
+
+    class Data:
+        images = torch.arange(8 * 10, dtype=torch.float32).view(8, 10, 1, 1, 1).expand(8, 10, 1, 8, 8).clone()
+
+    monkeypatch.setattr(meta_data, "load_dataset", lambda *args, **kwargs: Data())
+    config = load_experiment_config(None, ["data.images_per_class=6", f"model={TINY_CONVNET}"], "meta-train")
+    train, val = meta_experiment.load_pools(config, torch.device("cpu"))
+    assert train.shape[:2] == (8, 6) and val is None
+    assert torch.equal(train[:, :, 0, 0, 0], Data.images[:, :6, 0, 0, 0])
+    with pytest.raises(ConfigError, match="exceeds the 10 drawings"):
+        meta_experiment.load_pools(
+            load_experiment_config(None, ["data.images_per_class=11", f"model={TINY_CONVNET}"], "meta-train"),
+            torch.device("cpu"),
+        )
+    load_experiment_config(ROOT / "configs" / "meta" / "sanml_iid.yaml")  # the reference baseline validates

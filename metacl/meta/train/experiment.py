@@ -49,6 +49,9 @@ class DataConfig:
     """Use the first 963 background classes, as the original ANML and OML did."""
     val_classes: NonNegative = 0
     """Classes held out of training as a validation pool (0: none)."""
+    images_per_class: Positive | None = None
+    """Train on the first N drawings of each training class (None: all 20); the reference's i.i.d.
+    baseline used 15. Validation classes keep all their drawings."""
     augment: bool = False
     """Random-resized-crop augmentation of each episode's (or batch's) images."""
     crop_scale: tuple[Annotated[float, Range(0, 1, low_open=True)], Annotated[float, Range(0, 1, low_open=True)]] = (
@@ -151,10 +154,16 @@ def load_pools(config: Config, device: torch.device) -> tuple[torch.Tensor, torc
         first_963=config.data.first_963,
         quiet=config.quiet,
     )
-    if config.data.val_classes <= 0:
-        return data.images, None
-    train, val = split_classes(data, config.data.val_classes, config.seed)
-    return train.images, val.images
+    train, val = (
+        (data, None) if config.data.val_classes <= 0 else split_classes(data, config.data.val_classes, config.seed)
+    )
+    images = train.images
+    keep = config.data.images_per_class
+    if keep is not None:
+        if keep > images.shape[1]:
+            raise ConfigError(f"data.images_per_class {keep} exceeds the {images.shape[1]} drawings per class")
+        images = images[:, :keep]
+    return images, None if val is None else val.images
 
 
 def load_test_pool(config: Config, device: torch.device) -> torch.Tensor:
