@@ -535,7 +535,14 @@ def test_report_writes_tables_plots_and_summary(scenes, tmp_path, capsys, sequen
     per_episode = pd.read_csv(out / "new_task_trials.csv").set_index("episode")
     first = criterion[(criterion["episode"] == 1) & criterion["is_new"]]["trials_to_criterion"]
     assert math.isclose(per_episode.loc[1, "geomean"], geomean(first))
-    assert "New-task trials to criterion" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "New-task trials to criterion" in summary and "## Compared with the paper" in summary
+    fits = pd.read_csv(out / "power_law_fit.csv").set_index("finding")
+    reached = int(criterion["trials_to_criterion"].gt(0).sum())
+    assert fits.loc["relearning", "paper_slope"] == -1.603 and fits.loc["relearning", "points"] == reached
+    relearning = fit_power_law(criterion, 1, "times_trained")
+    assert math.isclose(fits.loc["relearning", "slope"], relearning.slope)
+    assert "| relearning |" in summary
     assert main(["mastery", "report", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
     assert "not a run directory" in capsys.readouterr().err

@@ -38,13 +38,20 @@ def geomean(values: pd.Series) -> float:
     return float(np.exp(np.log(values).mean())) if len(values) else math.nan
 
 
-def fit_power_law(points: pd.DataFrame, from_episode: int = 1) -> PowerLaw | None:
-    """Least-squares fit of log10(trials_to_criterion) on log10(episode) for episodes >= from."""
-    points = points[(points["episode"] >= from_episode) & (points["trials_to_criterion"] > 0)]
+PAPER_SLOPES = {"new_task": -0.447, "relearning": -1.603}
+"""The authors' analysis notebook (Davidson & Mozer, CVPR 2020), log-log fits on 10-task sequences:
+new-task trials against episode, and trials against times trained. Slopes do not depend on the
+log base (the paper's intercepts, 12.3 and 11.71, are natural-log; divide by ln 10 for log10)."""
+
+
+def fit_power_law(points: pd.DataFrame, from_episode: int = 1, x_column: str = "episode") -> PowerLaw | None:
+    """Least-squares fit of log10(trials_to_criterion) on log10(x_column) for rows whose x_column
+    is at least `from_episode`."""
+    points = points[(points[x_column] >= from_episode) & (points["trials_to_criterion"] > 0)]
     points = points.dropna(subset=["trials_to_criterion"])
-    if points["episode"].nunique() < 2:
+    if points[x_column].nunique() < 2:
         return None
-    x = np.log10(points["episode"].to_numpy(float))
+    x = np.log10(points[x_column].to_numpy(float))
     y = np.log10(points["trials_to_criterion"].to_numpy(float))
     slope, intercept = np.polyfit(x, y, 1)
     residuals = y - (intercept + slope * x)
@@ -156,8 +163,15 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, fit_from: int 
         written["relearning_trials"] = relearning_trials(criterion)
         sequential = criterion[criterion["is_new"]]
         fit = fit_power_law(sequential, fit_from) if len(sequential) else None
-        if fit is not None:
-            written["power_law_fit"] = pd.DataFrame([fit.__dict__])
+        seq = criterion[criterion["condition"] != "simultaneous"]
+        relearning = fit_power_law(seq, 1, "times_trained") if len(seq) else None
+        fits = [
+            {"finding": n, **f.__dict__, "paper_slope": PAPER_SLOPES[n]}
+            for n, f in (("new_task", fit), ("relearning", relearning))
+            if f is not None
+        ]
+        if fits:
+            written["power_law_fit"] = pd.DataFrame(fits)
     if len(forgetting):
         written["forgetting"] = forgetting
         written["forgetting_curves"] = forgetting_curves(forgetting)
@@ -290,6 +304,24 @@ def _summary(run_dirs, written, fit, plots) -> str:
                 ),
                 "",
             ]
+    fits = written.get("power_law_fit")
+    if fits is not None and len(fits):
+        lines += [
+            "## Compared with the paper",
+            "",
+            "Log-log power-law slopes, ours with a 95% CI, beside the authors' (10-task sequences; "
+            "new-task trials against episode, and every task's trials against the times it has been "
+            "trained, this episode included):",
+            "",
+            "| finding | ours | 95% CI | points | paper |",
+            "|---|---|---|---|---|",
+        ]
+        for row in fits.itertuples():
+            lines.append(
+                f"| {row.finding.replace('_', ' ')} | {row.slope:.3f} | [{row.slope_ci_low:.3f}, "
+                f"{row.slope_ci_high:.3f}] | {row.points} | {row.paper_slope:.3f} |"
+            )
+        lines.append("")
     criterion = written.get("criterion")
     if criterion is not None and len(criterion):
         missed = criterion[~criterion["reached"]]
