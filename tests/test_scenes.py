@@ -342,3 +342,19 @@ def test_generate_rejects_bad_arguments(tmp_path):
         generate_scenes(tmp_path / "a.h5", 0)
     with pytest.raises(ConfigError, match="batch_size"):
         generate_scenes(tmp_path / "a.h5", 3, batch_size=0)
+
+
+def test_two_processes_sharing_a_default_scenes_file_generate_it_once(tmp_path):
+    """Runs of a sweep start together and ask for the same default file: one generates it, the
+    other waits for it, and both get the complete file."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from metacl.scenes.generate import ensure_scenes; "
+        f"print(ensure_scenes('{tmp_path / 'shared.h5'}', 24, seed=1, height=48, width=64, quiet=True))"
+    )
+    processes = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0].strip() for p in processes]
+    assert [p.returncode for p in processes] == [0, 0] and outputs == [str(tmp_path / "shared.h5")] * 2
+    assert len(load_scenes(tmp_path / "shared.h5")) == 24

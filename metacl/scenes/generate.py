@@ -8,6 +8,7 @@ generation resumes exactly where it stopped.
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import multiprocessing
 import os
 from collections.abc import Iterator
@@ -247,6 +248,12 @@ def ensure_scenes(
     path = Path(path) if path is not None else default_scenes_path(num_images, seed=seed, height=height, width=width)
     if path.exists() and matches(path, num_images, seed=seed, height=height, width=width):
         return path
-    return generate_scenes(
-        path, num_images, seed=seed, height=height, width=width, device=device, workers=workers, quiet=quiet
-    )
+    # runs of a sweep share one default file: one process generates it, the others wait and reuse it
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists() and matches(path, num_images, seed=seed, height=height, width=width):
+            return path
+        return generate_scenes(
+            path, num_images, seed=seed, height=height, width=width, device=device, workers=workers, quiet=quiet
+        )
