@@ -27,3 +27,11 @@ def toy_config(tmp_path) -> Path:
     path = tmp_path / "toy.yaml"
     path.write_text(f"experiment: tests.toy_experiment\ndevice: cpu\nout_dir: {tmp_path / 'runs'}\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    """A tiny synthetic scenes file for mastery runs (tests/mastery_helpers.py: write_scenes)."""
+    from tests.mastery_helpers import write_scenes
+
+    return write_scenes(tmp_path_factory.mktemp("scenes") / "scenes.h5", 400)

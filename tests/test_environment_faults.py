@@ -29,7 +29,7 @@ from metacl.meta.data import download as download_module
 from metacl.meta.data import omniglot
 from metacl.meta.data.download import download
 from metacl.scenes.h5 import SceneWriter, load_scenes, partial_path
-from tests.test_mastery import tiny, write_scenes
+from tests.mastery_helpers import tiny, write_scenes
 from tests.test_meta_data import omniglot_zip
 
 MASTERY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mastery" / "quick.yaml"

@@ -15,7 +15,7 @@ from metacl.cli import main
 from metacl.core.experiment import execute, load_experiment_config
 from metacl.models import build_model, save_model
 from metacl.scenes.h5 import load_scenes
-from tests.test_mastery import tiny, write_scenes
+from tests.mastery_helpers import tiny, write_scenes
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 ROOT = Path(__file__).resolve().parents[1]

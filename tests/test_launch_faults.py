@@ -133,7 +133,7 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path, experiment, config_f
 
 
 def test_kill_9_then_resume_matches_for_a_mastery_run(tmp_path):
-    from tests.test_mastery import tiny, write_scenes
+    from tests.mastery_helpers import tiny, write_scenes
 
     scenes = write_scenes(tmp_path / "scenes.h5", 400)
     overrides = [o for o in tiny(scenes, tmp_path) if not o.startswith(("out_dir=", "quiet="))]

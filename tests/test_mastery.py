@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,7 +14,7 @@ import torch
 from metacl.cli import main
 from metacl.core.config import read_yaml
 from metacl.core.errors import ConfigError, DataError, RunInterrupted
-from metacl.core.experiment import execute, load_experiment_config
+from metacl.core.experiment import load_experiment_config
 from metacl.core.run import Run
 from metacl.mastery import data as scene_data
 from metacl.mastery import experiment as mastery
@@ -23,32 +22,7 @@ from metacl.mastery.epochs import allocate, draw_epoch, episode_counts, minority
 from metacl.mastery.orders import carryover_counts, heterogeneous_order, legacy_order, legacy_square, williams_order
 from metacl.mastery.report import fit_power_law, geomean
 from metacl.models import build_model
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "mastery"
-
-
-def write_scenes(path: Path, n: int, height: int = 16, width: int = 16, seed: int = 0) -> Path:
-    """A reference-layout file whose pixels carry the labels: feature f lights its own 4x4 cell
-    of channel f // 10, so small models learn every task in a few epochs."""
-    rng = np.random.default_rng(seed)
-    objects = rng.integers(4, 6, n)
-    D = np.full((n, 5, 3), 255, np.uint8)
-    for dimension in range(3):
-        D[:, :, dimension] = rng.random((n, 10)).argsort(1)[:, :5] + 10 * dimension
-    D[objects == 4, 4, :] = 255
-    y = np.zeros((n, 30), np.uint8)
-    rows, features = np.repeat(np.arange(n), 15), D.reshape(-1)
-    y[rows[features != 255], features[features != 255]] = 1
-    X = rng.integers(0, 70, (n, height, width, 3), dtype=np.uint8)
-    for feature in range(30):
-        channel, cell = divmod(feature, 10)
-        r, c = divmod(cell, 4)
-        X[y[:, feature] == 1, r * 4 : r * 4 + 4, c * 4 : c * 4 + 4, channel] = 220
-    with h5py.File(path, "w") as f:
-        f["X"], f["D"], f["y"] = X, D, y
-        f["Q"] = np.broadcast_to(np.eye(30, dtype=np.uint8), (n, 30, 30))
-        f["properties"] = np.array([f"feature{i}" for i in range(30)], dtype="S")
-    return path
+from tests.mastery_helpers import CONFIGS, run_config, scripted_evaluate, tiny
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -58,41 +32,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory) -> Path:
-    return write_scenes(tmp_path_factory.mktemp("scenes") / "scenes.h5", 400)
-
-
-def tiny(scenes: Path, out: Path, *extra: str) -> list[str]:
-    """Overrides that shrink any mastery config to a few seconds on the synthetic scenes."""
-    return [
-        f"data.path={scenes}",
-        f"out_dir={out}",
-        "device=cpu",
-        "quiet=true",
-        "model.channels=[4, 8]",
-        "model.hidden=[64, 64]",
-        "tasks.num_tasks=3",
-        "train.lr=0.01",
-        "train.batch_size=60",
-        "train.eval_batch_size=100",
-        "train.max_epochs_per_episode=6",
-        "tracking.console_every=1000",
-        *extra,
-    ]
-
-
-def run_config(path: Path | None, overrides: list[str], mode: str = "new"):
-    config = load_experiment_config(path, overrides, "mastery")
-    run_dir, final = execute(config, mode)
-    tables = {
-        name: pd.read_parquet(run_dir / f"{name}.parquet")
-        for name in ("epochs", "criterion", "forgetting")
-        if (run_dir / f"{name}.parquet").exists()
-    }
-    return run_dir, final, tables
 
 
 # ---------------------------------------------------------------------------------- models
@@ -213,18 +152,6 @@ def test_normalisation_uses_training_images_only():
 # arithmetic, which differ between CPUs (oneDNN picks other kernels). So the criterion logic is
 # driven by scripted test accuracies (exact on any CPU), and real runs are checked only for
 # invariants that hold whatever epoch a task happens to pass in.
-
-
-def scripted_evaluate(script: list[list[float]]):
-    """An `evaluate` that returns the next scripted accuracy list (one entry per task) per call."""
-    calls = iter(script)
-
-    def evaluate(model, data, tasks, batch_size, **options):
-        acc = next(calls)
-        assert len(acc) == len(tasks), (acc, tasks)
-        return {"acc": list(acc), "loss": [1.0 - a for a in acc]}
-
-    return evaluate
 
 
 def test_episode_logic_follows_scripted_test_accuracies(scenes, tmp_path, monkeypatch):

@@ -31,8 +31,8 @@ from metacl.mastery import experiment as mastery
 from metacl.mastery.config import ForgettingConfig, ModelConfig
 from metacl.mastery.epochs import draw_all_pairs, episode_counts
 from metacl.models import build_model
-from tests.test_mastery import CONFIGS, scripted_evaluate, tiny, write_scenes
-from tests.test_mastery import run_config as run_mastery_config
+from tests.mastery_helpers import CONFIGS, scripted_evaluate, tiny
+from tests.mastery_helpers import run_config as run_mastery_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,11 +43,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory) -> Path:
-    return write_scenes(tmp_path_factory.mktemp("scenes") / "scenes.h5", 400)
 
 
 def run_config(path, overrides, mode="new"):

@@ -23,7 +23,7 @@ from metacl.core.errors import DataError, MetaclError, RunDiverged
 from metacl.core.experiment import execute, load_experiment_config
 from metacl.core.rundir import RunInUse, RunLock, read_status
 from metacl.mastery import experiment as mastery
-from tests.test_mastery import tiny, write_scenes
+from tests.mastery_helpers import tiny
 
 TOY = "tests.toy_experiment"
 MASTERY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mastery" / "quick.yaml"
@@ -38,11 +38,6 @@ def toy(tmp_path: Path, *overrides: str):
 def snapshot(folder: Path) -> dict[str, int]:
     """Every file under `folder` with its size, to prove a command changed nothing."""
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory) -> Path:
-    return write_scenes(tmp_path_factory.mktemp("scenes") / "scenes.h5", 400)
 
 
 def mastery_args(scenes: Path, out: Path, *extra: str) -> list[str]:
