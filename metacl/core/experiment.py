@@ -34,7 +34,7 @@ from .config import ConfigError, Positive, apply_overrides, from_dict, read_yaml
 from .device import resolve_device
 from .errors import DataError, RunDiverged, RunInterrupted
 from .run import Mode, Run
-from .rundir import check_resume, check_run_name, is_run_directory, read_status
+from .rundir import IDENTITY_FREE_KEYS, check_resume, check_run_name, is_run_directory, read_status
 from .seeding import seed_everything
 from .tracking import TrackingConfig, check_backends
 
@@ -109,9 +109,6 @@ def load_experiment_config(
     if config.name is None:
         config = dataclasses.replace(config, name=default_run_name(config))
     return config
-
-
-IDENTITY_FREE_KEYS = ("name", "out_dir", "quiet", "tracking", "threads", "data_dir")
 
 
 def default_run_name(config: ExperimentConfig) -> str:

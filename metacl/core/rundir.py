@@ -161,17 +161,9 @@ def read_status(path: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- resume
-RESULT_FREE_KEYS = (
-    "name",
-    "out_dir",
-    "data_dir",
-    "quiet",
-    "threads",
-    "device",
-    "tracking",
-    "log_every",
-    "checkpoint_every",
-)
+IDENTITY_FREE_KEYS = ("name", "out_dir", "quiet", "tracking", "threads", "data_dir")
+"""Top-level config keys that cannot change results; a default run name leaves them out."""
+RESULT_FREE_KEYS = (*IDENTITY_FREE_KEYS, "device", "log_every", "checkpoint_every")
 """Config keys (and sections) that cannot change a run's results: a resume may change them."""
 
 

@@ -28,8 +28,8 @@ import yaml
 
 from ..core import atomic
 from ..core.config import ConfigError, from_dict, read_yaml, to_dict, to_yaml
-from ..core.experiment import IDENTITY_FREE_KEYS, ExperimentConfig, load_experiment_config
-from ..core.rundir import is_locked, read_status
+from ..core.experiment import ExperimentConfig, load_experiment_config
+from ..core.rundir import IDENTITY_FREE_KEYS, is_locked, read_status
 from .specs import LocalConfig, PlannedRun, SlurmConfig
 from .worker import EXIT_BUSY
 
