@@ -350,7 +350,7 @@ def test_interrupted_and_resumed_run_ends_exactly_like_a_straight_run(
     a, b = load_model(straight_path / "model.pt"), load_model(resumed_path / "model.pt")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
-    drop = ["seconds_per_step"]
+    drop = ["seconds_per_step", "cpu_seconds_per_step"]
     pd.testing.assert_frame_equal(
         pd.read_parquet(straight_path / "train.parquet").drop(columns=drop),
         pd.read_parquet(resumed_path / "train.parquet").drop(columns=drop),
@@ -415,7 +415,11 @@ def test_bad_configs_are_reported(tmp_path, synthetic_pools):
         tiny_config(tmp_path, "meta", "f", "data.val_classes=0")
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "meta").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    sorted({*(ROOT / "configs" / "meta").glob("*.yaml"), *(ROOT / "configs" / "meta").glob("laptop/*.yaml")}),
+    ids=lambda p: p.relative_to(ROOT).as_posix(),
+)
 def test_shipped_configs_load(path):
     config = load_experiment_config(path)
     assert config.experiment == "meta-train"

@@ -1,4 +1,4 @@
-"""`metacl meta train|eval|report`: continual meta-learning (ANML, OML) on Omniglot."""
+"""`metacl meta train|eval|report|reproduce`: continual meta-learning (ANML, OML) on Omniglot."""
 
 from __future__ import annotations
 
@@ -37,6 +37,38 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     report.add_argument("--out", required=True, metavar="DIR", help="folder for the report files")
     report.set_defaults(handler=_report)
 
+    reproduce = sub.add_parser(
+        "reproduce", help="meta-train (or resume), meta-test honestly, report beside the published numbers"
+    )
+    reproduce.add_argument("config", metavar="CONFIG", help="meta-train config, e.g. configs/meta/laptop/anml.yaml")
+    reproduce.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides of the meta-train config"
+    )
+    reproduce.add_argument(
+        "--eval-config",
+        metavar="FILE",
+        help="meta-eval config (default: the ANML protocol, configs/meta/eval/anml.yaml)",
+    )
+    reproduce.add_argument(
+        "--eval",
+        action="append",
+        default=[],
+        metavar="key=value",
+        help="override of the meta-eval config, e.g. --eval protocol.runs=3 (repeatable)",
+    )
+    reproduce.add_argument(
+        "--curve-runs",
+        type=int,
+        default=3,
+        metavar="N",
+        help="runs per meta-test of each model saved at eval_steps (the learning curve); 0: no curve",
+    )
+    reproduce.add_argument(
+        "--curve-classes", default="100,600", metavar="N,N", help="class counts of the learning curve (default 100,600)"
+    )
+    reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
+    reproduce.set_defaults(handler=_reproduce)
+
 
 def _eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -64,5 +96,23 @@ def _report(args: argparse.Namespace) -> int:
     from .eval.report import write_report
 
     files = write_report(args.results, args.out)
+    print("\n".join(f"{name}: {path}" for name, path in files.items()))
+    return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from ..core.config import ConfigError
+    from ..core.experiment import load_experiment_config
+    from .reproduce import reproduce
+
+    try:
+        curve_classes = [int(c) for c in args.curve_classes.split(",")]
+    except ValueError:
+        raise ConfigError(f"--curve-classes {args.curve_classes!r}: give class counts like 100,600") from None
+    if args.curve_runs < 0 or min(curve_classes) < 1:
+        raise ConfigError("--curve-runs must be >= 0 and --curve-classes positive")
+    overrides = list(args.overrides) + (["quiet=true"] if args.quiet else [])
+    config = load_experiment_config(args.config, overrides, "meta-train")
+    files = reproduce(config, args.eval_config, args.eval, args.curve_runs, curve_classes)
     print("\n".join(f"{name}: {path}" for name, path in files.items()))
     return 0

@@ -61,7 +61,7 @@ class TrainingLoop:
 
     def train(self) -> dict[str, float]:
         config, run, total = self.config, self.run, self.algorithm.steps
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         bar = progress(total=total, initial=self.step, desc=config.algorithm, quiet=config.quiet, unit="step")
         try:
             while self.step < total:
@@ -79,9 +79,10 @@ class TrainingLoop:
                 if step % config.log_every == 0 or step == total:
                     row = {k: sum(m[k] for m in self.window) / len(self.window) for k in self.window[0]}
                     row["seconds_per_step"] = (time.perf_counter() - started) / len(self.window)
+                    row["cpu_seconds_per_step"] = (time.process_time() - cpu_started) / len(self.window)
                     run.table("train").append({"step": step, **row})
                     run.tracker.log({f"meta_train/{k}": v for k, v in row.items()}, step)
-                    self.window, started = [], time.perf_counter()
+                    self.window, started, cpu_started = [], time.perf_counter(), time.process_time()
                 if config.eval.every and (step % config.eval.every == 0 or step == total):
                     self.evaluate(step)
                 if step in config.eval_steps:
