@@ -69,7 +69,7 @@ def test_one_command_trains_meta_tests_honestly_and_reports_the_curve(tmp_path, 
     assert reproduce(tmp_path) == 0
     out = capsys.readouterr().out
     runs = sorted(p.name for p in tmp_path.iterdir())
-    assert runs == ["zap", "zap-curve-2", "zap-curve-4", "zap-meta-test", "zap-report"]
+    assert runs == ["zap", "zap-curve-2", "zap-meta-test", "zap-report"]  # step 4 is the final model
     # the final meta-test: the whole LR sweep on validation, the test split at the chosen LR only
     final = read_results([tmp_path / "zap-meta-test"])
     assert sorted(final.loc[final["split"] == "val", "lr"].unique()) == [0.005, 0.05]

@@ -103,7 +103,7 @@ def _report(args: argparse.Namespace) -> int:
 def _reproduce(args: argparse.Namespace) -> int:
     from ..core.config import ConfigError
     from ..core.experiment import load_experiment_config
-    from .reproduce import reproduce
+    from .reproduce import Reproduction
 
     try:
         curve_classes = [int(c) for c in args.curve_classes.split(",")]
@@ -113,6 +113,6 @@ def _reproduce(args: argparse.Namespace) -> int:
         raise ConfigError("--curve-runs must be >= 0 and --curve-classes positive")
     overrides = list(args.overrides) + (["quiet=true"] if args.quiet else [])
     config = load_experiment_config(args.config, overrides, "meta-train")
-    files = reproduce(config, args.eval_config, args.eval, args.curve_runs, curve_classes)
+    files = Reproduction(config, args.eval_config, args.eval, args.curve_runs, curve_classes).run()
     print("\n".join(f"{name}: {path}" for name, path in files.items()))
     return 0

@@ -42,52 +42,76 @@ CURVE_CLASSES = (100, 600)
 (100 held-out classes) and the full 600-class meta-test."""
 
 
-def reproduce(
-    train_config: ExperimentConfig,
-    eval_config: str | None = None,
-    eval_overrides: Sequence[str] = (),
-    curve_runs: int = 3,
-    curve_classes: Sequence[int] = CURVE_CLASSES,
-    echo: Callable[[str], None] = print,
-) -> dict[str, Path]:
-    """Meta-train (or resume), meta-test the final model and every saved step, write the report."""
-    out_dir, name = Path(train_config.out_dir), str(train_config.name)
-    shared = [f"out_dir={json.dumps(str(out_dir))}", f"quiet={json.dumps(train_config.quiet)}"]
-    if train_config.threads:
-        shared.append(f"threads={train_config.threads}")
-    curve = [f"protocol.classes={json.dumps(list(curve_classes))}", f"protocol.runs={max(curve_runs, 1)}"]
-    for extra in ([], curve):  # refuse bad meta-test settings now, not after hours of training
-        load_experiment_config(eval_config, [*shared, *eval_overrides, *extra], "meta-eval")
-    train_path, _ = execute(train_config, "resume" if is_run_directory(out_dir / name) else "new")
+class Reproduction:
+    """The run directories of one reproduction and how each is made (see the module docstring)."""
 
-    def meta_test(model: Path, run_name: str, extra: Sequence[str] = ()) -> Path:
-        overrides = [*shared, *eval_overrides, *extra, f"name={run_name}", f"checkpoint={json.dumps(str(model))}"]
+    def __init__(
+        self,
+        train_config: ExperimentConfig,
+        eval_config: str | None = None,
+        eval_overrides: Sequence[str] = (),
+        curve_runs: int = 3,
+        curve_classes: Sequence[int] = CURVE_CLASSES,
+    ):
+        self.train_config, self.eval_config, self.eval_overrides = train_config, eval_config, list(eval_overrides)
+        self.out_dir, self.name = Path(train_config.out_dir), str(train_config.name)
+        self.train_path = self.out_dir / self.name
+        self.shared = [f"out_dir={json.dumps(str(self.out_dir))}", f"quiet={json.dumps(train_config.quiet)}"]
+        if train_config.threads:
+            self.shared.append(f"threads={train_config.threads}")
+        self.curve_runs = curve_runs
+        self.curve = [f"protocol.classes={json.dumps(list(curve_classes))}", f"protocol.runs={max(curve_runs, 1)}"]
+        for extra in ([], self.curve):  # refuse bad meta-test settings now, not after hours of training
+            load_experiment_config(eval_config, [*self.shared, *self.eval_overrides, *extra], "meta-eval")
+
+    def train(self) -> Path:
+        mode = "resume" if is_run_directory(self.train_path) else "new"
+        return execute(self.train_config, mode)[0]
+
+    def meta_test(self, model: Path, run_name: str, extra: Sequence[str] = ()) -> Path:
+        """Meta-test `model` into run `run_name` (resumed, or returned at once when complete)."""
+        checkpoint = f"checkpoint={json.dumps(str(model.resolve()))}"
+        overrides = [*self.shared, *self.eval_overrides, *extra, f"name={run_name}", checkpoint]
         if not training_data(model).val_classes:
             overrides.append("test_lrs=all")  # no validation classes: best on test, labelled so
-        config = load_experiment_config(eval_config, overrides, "meta-eval")
-        path, _ = execute(config, "resume" if is_run_directory(out_dir / run_name) else "new")
-        return path
+        config = load_experiment_config(self.eval_config, overrides, "meta-eval")
+        return execute(config, "resume" if is_run_directory(self.out_dir / run_name) else "new")[0]
 
-    echo(f"meta-test of the final model ({train_path / 'model.pt'})")
-    final = meta_test(train_path / "model.pt", f"{name}-meta-test")
-    curve_tests = []
-    if curve_runs:
-        for step, model in saved_models(train_path):
-            echo(f"learning curve: meta-test of {model}")
-            curve_tests.append((step, meta_test(model, f"{name}-curve-{step}", curve)))
-    report = out_dir / f"{name}-report"
-    files = write_report([final], report, echo)
-    curve_table = learning_curve(train_path, curve_tests)
-    if len(curve_table):
-        with atomic_path(report / "learning_curve.csv") as tmp:
-            curve_table.to_csv(tmp, index=False)
-        files["curve"] = report / "learning_curve.csv"
-        files["curve_plot"] = plot_learning_curve(curve_table, report / "learning_curve.png")
-    files["reproduction"] = report / "reproduction.md"
-    text = reproduction_markdown(train_path, pd.read_csv(files["selection"]), curve_table)
-    write_text(files["reproduction"], text)
-    echo(text)
-    return files
+    def final_meta_test(self) -> Path:
+        return self.meta_test(self.train_path / "model.pt", f"{self.name}-meta-test")
+
+    def curve_meta_test(self, step: int, model: Path) -> Path:
+        return self.meta_test(model, f"{self.name}-curve-{step}", self.curve)
+
+    def run(self, echo: Callable[[str], None] = print) -> dict[str, Path]:
+        """Meta-train (or resume), meta-test the final model and every saved step, write the report.
+
+        The last saved step is the final model: its curve point is the final meta-test's."""
+        self.train()
+        echo(f"meta-test of the final model ({self.train_path / 'model.pt'})")
+        final = self.final_meta_test()
+        curve_tests = []
+        if self.curve_runs:
+            saved = saved_models(self.train_path)
+            last = int(training_time(self.train_path)["step"].iloc[-1])
+            for step, model in saved:
+                if step != last:
+                    echo(f"learning curve: meta-test of {model}")
+                curve_tests.append((step, final if step == last else self.curve_meta_test(step, model)))
+        report = self.out_dir / f"{self.name}-report"
+        files = write_report([final], report, echo)
+        curve_classes = json.loads(self.curve[0].split("=", 1)[1])
+        curve_table = learning_curve(self.train_path, curve_tests, curve_classes)
+        if len(curve_table):
+            with atomic_path(report / "learning_curve.csv") as tmp:
+                curve_table.to_csv(tmp, index=False)
+            files["curve"] = report / "learning_curve.csv"
+            files["curve_plot"] = plot_learning_curve(curve_table, report / "learning_curve.png")
+        files["reproduction"] = report / "reproduction.md"
+        text = reproduction_markdown(self.train_path, pd.read_csv(files["selection"]), curve_table)
+        write_text(files["reproduction"], text)
+        echo(text)
+        return files
 
 
 def saved_models(train_path: Path) -> list[tuple[int, Path]]:
@@ -110,15 +134,16 @@ def training_time(train_path: Path) -> pd.DataFrame:
     return time
 
 
-def learning_curve(train_path: Path, runs: Sequence[tuple[int, Path]]) -> pd.DataFrame:
-    """One row per saved step and class count: test accuracy (95% CI) at the chosen LR, and the
-    meta-training time spent to reach that step."""
+def learning_curve(train_path: Path, runs: Sequence[tuple[int, Path]], classes: Sequence[int]) -> pd.DataFrame:
+    """One row per saved step and class count of `classes`: test accuracy (95% CI) at the chosen
+    LR, and the meta-training time spent to reach that step."""
     if not runs:
         return pd.DataFrame()
     time = training_time(train_path).set_index("step")
     rows = []
     for step, path in runs:
         selection = select_learning_rates(read_results([path]))
+        selection = selection[selection["classes"].isin(list(classes))]
         honest = selection[selection["selection"] == "validation"]
         for row in (honest if len(honest) else selection).itertuples():
             reached = time[time.index >= step]
