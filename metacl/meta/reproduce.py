@@ -59,7 +59,7 @@ class Reproduction:
         self.shared = [f"out_dir={json.dumps(str(self.out_dir))}", f"quiet={json.dumps(train_config.quiet)}"]
         if train_config.threads:
             self.shared.append(f"threads={train_config.threads}")
-        self.curve_runs = curve_runs
+        self.curve_runs, self.curve_classes = curve_runs, list(curve_classes)
         self.curve = [f"protocol.classes={json.dumps(list(curve_classes))}", f"protocol.runs={max(curve_runs, 1)}"]
         for extra in ([], self.curve):  # refuse bad meta-test settings now, not after hours of training
             load_experiment_config(eval_config, [*self.shared, *self.eval_overrides, *extra], "meta-eval")
@@ -100,8 +100,7 @@ class Reproduction:
                 curve_tests.append((step, final if step == last else self.curve_meta_test(step, model)))
         report = self.out_dir / f"{self.name}-report"
         files = write_report([final], report, echo)
-        curve_classes = json.loads(self.curve[0].split("=", 1)[1])
-        curve_table = learning_curve(self.train_path, curve_tests, curve_classes)
+        curve_table = learning_curve(self.train_path, curve_tests, self.curve_classes)
         if len(curve_table):
             with atomic_path(report / "learning_curve.csv") as tmp:
                 curve_table.to_csv(tmp, index=False)

@@ -2,7 +2,8 @@
 
 Tables in the run directory:
     train.parquet   every `log_every` steps: means over the window of inner/meta loss and
-                    accuracy and gradient norm (episodic), or loss/accuracy/lr (iid)
+                    accuracy and gradient norm (episodic), or loss/accuracy/lr (iid), and
+                    the wall-clock and CPU (all threads) seconds per step
     eval.parquet    every `eval_every` steps: continual-trial accuracy on the training pool and
                     on the held-out validation pool
     meta_test.parquet  at each of `eval_steps`, when `meta_test.splits` is set: the meta-test
