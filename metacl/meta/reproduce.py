@@ -189,13 +189,14 @@ def reproduction_markdown(train_path: Path, selection: pd.DataFrame, curve: pd.D
     config = read_yaml(train_path / "config.yaml")
     time = training_time(train_path)
     steps, wall = int(time["step"].iloc[-1]), float(time["wall_s"].iloc[-1])
+    median = float(pd.read_parquet(train_path / "train.parquet")["seconds_per_step"].median())
     cpu = f", {time['cpu_s'].iloc[-1] / 3600:.2f} CPU hours" if "cpu_s" in time else ""
     lines = [
         f"# Reproduction: {train_path.name}",
         "",
         f"Meta-trained with algorithm `{config['algorithm']}`, model `{config['model'].get('name')}`, "
         f"{steps} episodes in {wall / 3600:.2f} wall-clock hours{cpu} "
-        f"({config.get('threads') or 'default'} threads); "
+        f"({config.get('threads') or 'default'} threads; median {median:.2f} s per episode); "
         f"{config['data'].get('val_classes')} background classes held out for validation.",
         "",
         "| classes | ours: LR chosen on validation | ours: best on test (optimistic) | "
