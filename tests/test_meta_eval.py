@@ -13,12 +13,12 @@ from torch import nn
 
 from metacl.cli import main
 from metacl.core.checkpoint import save_checkpoint
-from metacl.core.errors import ConfigError, RunInterrupted
+from metacl.core.errors import ConfigError, DataError, RunInterrupted
 from metacl.core.experiment import execute, load_experiment_config
 from metacl.meta.data.class_images import ClassImages
 from metacl.meta.eval import checkpoints as eval_checkpoints
 from metacl.meta.eval import experiment as eval_experiment
-from metacl.meta.eval.checkpoints import load_eval_model
+from metacl.meta.eval.checkpoints import checkpoint_fingerprint, load_eval_model
 from metacl.meta.eval.protocol import ProtocolConfig, class_counts, draw_tasks, eval_points
 from metacl.meta.eval.reinit import lstsq_fit
 from metacl.meta.eval.report import trajectory_accuracy, write_report
@@ -257,16 +257,16 @@ def test_zero_shot_and_iid_flavours_run_and_learn():
         protocol(eval_method="zero-shot")
 
 
-def write_checkpoint(tmp_path, **extra):
-    torch.manual_seed(0)
+def write_checkpoint(tmp_path, seed=0, **extra):
+    torch.manual_seed(seed)
     model = build_model({"name": "meta-eval-tiny", "num_classes": 40})
     return save_model(model, tmp_path / "model.pt", **extra)
 
 
-def run_eval(tmp_path, monkeypatch, splits, name, mode="new", **changes):
+def run_eval(tmp_path, monkeypatch, splits, name, mode="new", model_seed=0, **changes):
     monkeypatch.setattr(eval_experiment, "load_splits", lambda config, device, setup: splits)
     overrides = [
-        f"checkpoint={write_checkpoint(tmp_path)}",
+        f"checkpoint={write_checkpoint(tmp_path, model_seed)}",
         f"out_dir={tmp_path}",
         f"name={name}",
         "protocol.classes=[3,5]",
@@ -400,6 +400,26 @@ def test_a_meta_eval_stopped_after_validation_resumes_to_the_same_results(tmp_pa
     assert calls == ["val", "val"]
     pd.testing.assert_frame_equal(resumed_frame, frame)  # the test split at the LRs chosen before the stop
     assert resumed == straight
+
+
+def test_a_meta_eval_never_resumes_on_another_model(tmp_path, monkeypatch):
+    real = LRSweep.run
+
+    def stop_at_once(self, *args, **options):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **options)
+
+    monkeypatch.setattr(LRSweep, "run", stop_at_once)
+    with pytest.raises(RunInterrupted):
+        run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "a")
+    monkeypatch.setattr(LRSweep, "run", real)
+    # the same weights saved again (other bytes: torch names the archive after its temporary file) resume
+    other_bytes = tmp_path / "copy"
+    other_bytes.mkdir()
+    assert checkpoint_fingerprint(write_checkpoint(other_bytes)) == checkpoint_fingerprint(write_checkpoint(tmp_path))
+    # other weights under the same file name are refused, naming the record
+    with pytest.raises(DataError, match="model_sha256"):
+        run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "a", "resume", model_seed=1)
 
 
 def test_report_prints_the_final_table_and_labels_best_on_test(tmp_path, monkeypatch):

@@ -3,6 +3,8 @@ on synthetic Omniglot-shaped data (metacl.meta.data.load_dataset replaced)."""
 
 from __future__ import annotations
 
+import shutil
+
 import pandas as pd
 import pytest
 import torch
@@ -93,6 +95,12 @@ def test_one_command_trains_meta_tests_honestly_and_reports_the_curve(tmp_path, 
     before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/results.parquet")}
     assert reproduce(tmp_path) == 0
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/results.parquet")} == before
+
+    # the final model replaced (a training started again, say): its old meta-test is not reused
+    shutil.copy(tmp_path / "zap" / "models" / "step-2.pt", tmp_path / "zap" / "model.pt")
+    capsys.readouterr()
+    assert reproduce(tmp_path) == 2
+    assert "meta-tested a different model" in capsys.readouterr().err
 
 
 def test_a_model_without_validation_classes_is_reported_best_on_test(tmp_path, synthetic_omniglot):

@@ -28,11 +28,11 @@ from pathlib import Path
 import pandas as pd
 
 from ..core.atomic import atomic_path, write_text
-from ..core.config import read_yaml
+from ..core.config import ConfigError, read_yaml
 from ..core.experiment import ExperimentConfig, execute, load_experiment_config
 from ..core.plots import pyplot, save_figure
 from ..core.rundir import is_run_directory
-from .eval.checkpoints import training_data
+from .eval.checkpoints import checkpoint_fingerprint, training_data
 from .eval.reference import PUBLISHED, published
 from .eval.report import write_report
 from .eval.results import read_results, select_learning_rates
@@ -75,7 +75,10 @@ class Reproduction:
         if not training_data(model).val_classes:
             overrides.append("test_lrs=all")  # no validation classes: best on test, labelled so
         config = load_experiment_config(self.eval_config, overrides, "meta-eval")
-        return execute(config, "resume" if is_run_directory(self.out_dir / run_name) else "new")[0]
+        path = self.out_dir / run_name
+        if is_run_directory(path):
+            check_same_model(path, model)
+        return execute(config, "resume" if is_run_directory(path) else "new")[0]
 
     def final_meta_test(self) -> Path:
         return self.meta_test(self.train_path / "model.pt", f"{self.name}-meta-test")
@@ -111,6 +114,20 @@ class Reproduction:
         write_text(files["reproduction"], text)
         echo(text)
         return files
+
+
+def check_same_model(eval_run: Path, model: Path) -> None:
+    """Refuse to reuse a meta-test of another model saved under the same name (a meta-training
+    started again with --overwrite, say): its results would be reported as this model's."""
+    try:
+        stored = json.loads((eval_run / "data.json").read_text())
+    except (OSError, ValueError):
+        return  # a meta-test from before metacl recorded its model
+    if stored != checkpoint_fingerprint(model):
+        raise ConfigError(
+            f"{eval_run} meta-tested a different model than {model} holds now (data.json); "
+            f"move it away to meta-test this one, or reproduce under another name="
+        )
 
 
 def saved_models(train_path: Path) -> list[tuple[int, Path]]:

@@ -45,6 +45,23 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise ConfigError(f"checkpoint {path} does not exist; pass a model .pt file or a meta-train run directory")
 
 
+def checkpoint_fingerprint(path: str | Path) -> dict[str, str]:
+    """What a meta-eval run records about its model (data.json): a hash of its weights and spec (not of the file's bytes, which differ between two saves of one model), so
+    that a resume, or a reproduction, never mixes results of two different models."""
+    import hashlib
+    import json
+
+    file = resolve_checkpoint(path)
+    state = load_checkpoint(file, "cpu")
+    weights = state.get("state_dict", state.get("model")) or {}
+    digest = hashlib.sha256(json.dumps(state.get("model_spec"), sort_keys=True, default=str).encode())
+    for name in sorted(weights):
+        tensor = weights[name].detach().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return {"model_sha256": digest.hexdigest()}  # the path is in config.yaml; a moved file is the same model
+
+
 def load_eval_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Build the model of a checkpoint: {model_spec, state_dict}, or a training state {model} whose
     spec comes from the meta-train run's config.yaml (`checkpoints/last.pt` of an unfinished run)."""

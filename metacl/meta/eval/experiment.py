@@ -25,7 +25,7 @@ from torch import nn
 
 from ...core.errors import ConfigError, RunInterrupted
 from ...core.experiment import ExperimentConfig
-from .checkpoints import TrainingData, load_eval_model, resolve_checkpoint, training_data
+from .checkpoints import TrainingData, checkpoint_fingerprint, load_eval_model, resolve_checkpoint, training_data
 from .protocol import ProtocolConfig, check_protocol, class_counts
 from .results import best_learning_rates, chosen_learning_rates, describe, result_frame, select_learning_rates
 from .sweep import LRSweep
@@ -198,6 +198,7 @@ def meta_test_model(
 # ------------------------------------------------------------------------------- the run
 def run(config: Config, run) -> dict:
     check_protocol(config.protocol)
+    run.check_data(checkpoint_fingerprint(config.checkpoint))
     model = load_eval_model(config.checkpoint, run.device)
     setup = data_setup(config)
     for note in setup.notes:
