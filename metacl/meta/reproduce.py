@@ -213,7 +213,7 @@ def reproduction_markdown(train_path: Path, selection: pd.DataFrame, curve: pd.D
         "",
         f"Meta-trained with algorithm `{config['algorithm']}`, model `{config['model'].get('name')}`, "
         f"{steps} episodes in {wall / 3600:.2f} wall-clock hours{cpu} "
-        f"({config.get('threads') or 'default'} threads; median {median:.2f} s per episode); "
+        f"(threads: {config.get('threads') or 'torch default'}; median {median:.2f} s per episode); "
         f"{config['data'].get('val_classes')} background classes held out for validation.",
         "",
         "| classes | ours: LR chosen on validation | ours: best on test (optimistic) | "
