@@ -60,7 +60,7 @@ class Reproduction:
         if train_config.threads:
             self.shared.append(f"threads={train_config.threads}")
         self.curve_runs, self.curve_classes = curve_runs, list(curve_classes)
-        self.curve = [f"protocol.classes={json.dumps(list(curve_classes))}", f"protocol.runs={max(curve_runs, 1)}"]
+        self.curve = [f"protocol.classes={json.dumps(self.curve_classes)}", f"protocol.runs={max(curve_runs, 1)}"]
         for extra in ([], self.curve):  # refuse bad meta-test settings now, not after hours of training
             load_experiment_config(eval_config, [*self.shared, *self.eval_overrides, *extra], "meta-eval")
 
@@ -93,24 +93,24 @@ class Reproduction:
         self.train()
         echo(f"meta-test of the final model ({self.train_path / 'model.pt'})")
         final = self.final_meta_test()
+        time = training_time(self.train_path)
         curve_tests = []
         if self.curve_runs:
-            saved = saved_models(self.train_path)
-            last = int(training_time(self.train_path)["step"].iloc[-1])
-            for step, model in saved:
+            last = int(time["step"].iloc[-1])
+            for step, model in saved_models(self.train_path):
                 if step != last:
                     echo(f"learning curve: meta-test of {model}")
                 curve_tests.append((step, final if step == last else self.curve_meta_test(step, model)))
         report = self.out_dir / f"{self.name}-report"
         files = write_report([final], report, echo)
-        curve_table = learning_curve(self.train_path, curve_tests, self.curve_classes)
+        curve_table = learning_curve(time, curve_tests, self.curve_classes)
         if len(curve_table):
             with atomic_path(report / "learning_curve.csv") as tmp:
                 curve_table.to_csv(tmp, index=False)
             files["curve"] = report / "learning_curve.csv"
             files["curve_plot"] = plot_learning_curve(curve_table, report / "learning_curve.png")
         files["reproduction"] = report / "reproduction.md"
-        text = reproduction_markdown(self.train_path, pd.read_csv(files["selection"]), curve_table)
+        text = reproduction_markdown(self.train_path, time, pd.read_csv(files["selection"]), curve_table)
         write_text(files["reproduction"], text)
         echo(text)
         return files
@@ -141,29 +141,33 @@ def saved_models(train_path: Path) -> list[tuple[int, Path]]:
 
 
 def training_time(train_path: Path) -> pd.DataFrame:
-    """step -> cumulative wall-clock and CPU seconds of meta-training (from its train table)."""
+    """step -> seconds per step and cumulative wall-clock and CPU seconds of meta-training (from its
+    train table)."""
     table = pd.read_parquet(train_path / "train.parquet").sort_values("step")
     steps = table["step"].diff().fillna(table["step"])
-    time = pd.DataFrame({"step": table["step"], "wall_s": (table["seconds_per_step"] * steps).cumsum()})
+    time = pd.DataFrame(
+        {
+            "step": table["step"],
+            "seconds_per_step": table["seconds_per_step"],
+            "wall_s": (table["seconds_per_step"] * steps).cumsum(),
+        }
+    )
     if "cpu_seconds_per_step" in table:
         time["cpu_s"] = (table["cpu_seconds_per_step"] * steps).cumsum()
     return time
 
 
-def learning_curve(train_path: Path, runs: Sequence[tuple[int, Path]], classes: Sequence[int]) -> pd.DataFrame:
+def learning_curve(time: pd.DataFrame, runs: Sequence[tuple[int, Path]], classes: Sequence[int]) -> pd.DataFrame:
     """One row per saved step and class count of `classes`: test accuracy (95% CI) at the chosen
-    LR, and the meta-training time spent to reach that step."""
-    if not runs:
-        return pd.DataFrame()
-    time = training_time(train_path).set_index("step")
+    LR, and the meta-training time (`training_time`) spent to reach that step."""
     rows = []
     for step, path in runs:
         selection = select_learning_rates(read_results([path]))
         selection = selection[selection["classes"].isin(list(classes))]
         honest = selection[selection["selection"] == "validation"]
+        reached = time[time["step"] >= step]
+        at = reached.iloc[0] if len(reached) else None
         for row in (honest if len(honest) else selection).itertuples():
-            reached = time[time.index >= step]
-            at = reached.iloc[0] if len(reached) else None
             rows.append(
                 {
                     "step": step,
@@ -201,12 +205,11 @@ def plot_learning_curve(curve: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def reproduction_markdown(train_path: Path, selection: pd.DataFrame, curve: pd.DataFrame) -> str:
+def reproduction_markdown(train_path: Path, time: pd.DataFrame, selection: pd.DataFrame, curve: pd.DataFrame) -> str:
     """Our final table beside the published numbers, then the learning curve."""
     config = read_yaml(train_path / "config.yaml")
-    time = training_time(train_path)
     steps, wall = int(time["step"].iloc[-1]), float(time["wall_s"].iloc[-1])
-    median = float(pd.read_parquet(train_path / "train.parquet")["seconds_per_step"].median())
+    median = float(time["seconds_per_step"].median())
     cpu = f", {time['cpu_s'].iloc[-1] / 3600:.2f} CPU hours" if "cpu_s" in time else ""
     lines = [
         f"# Reproduction: {train_path.name}",

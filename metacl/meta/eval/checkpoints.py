@@ -46,8 +46,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def checkpoint_fingerprint(path: str | Path) -> dict[str, str]:
-    """What a meta-eval run records about its model (data.json): a hash of its weights and spec (not of the file's bytes, which differ between two saves of one model), so
-    that a resume, or a reproduction, never mixes results of two different models."""
+    """What a meta-eval run records about its model (data.json): a hash of its weights and spec
+    (not of the file's bytes, which differ between two saves of one model), so that a resume, or
+    a reproduction, never mixes results of two different models."""
     import hashlib
     import json
 
