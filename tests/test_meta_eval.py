@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -18,8 +19,9 @@ from metacl.core.experiment import execute, load_experiment_config
 from metacl.meta.data.class_images import ClassImages
 from metacl.meta.eval import checkpoints as eval_checkpoints
 from metacl.meta.eval import experiment as eval_experiment
+from metacl.meta.eval import sweep as sweep_module
 from metacl.meta.eval.checkpoints import checkpoint_fingerprint, load_eval_model
-from metacl.meta.eval.protocol import ProtocolConfig, class_counts, draw_tasks, eval_points
+from metacl.meta.eval.protocol import ProtocolConfig, class_counts, draw_tasks, eval_points, nested_groups
 from metacl.meta.eval.reinit import lstsq_fit
 from metacl.meta.eval.report import trajectory_accuracy, write_report
 from metacl.meta.eval.results import (
@@ -144,6 +146,38 @@ def test_batched_sweep_equals_one_by_one_torch_adam(hidden, opt_params, reinit_p
         reference = reference_trajectory(model, images, tasks, int(run), float(lr), config, seed=3)[-1]
         torch.testing.assert_close(result.weights[trajectory], reference, rtol=1e-5, atol=atol)
     assert result.train_acc.shape == (4, 4, 4)  # eval points 1..4, trajectories, classes
+
+
+@pytest.mark.parametrize("learns", [["fc"], ["fc1", "fc"]])  # the linear engine; the vmap engine
+def test_nested_draws_give_each_count_the_sweep_of_the_largest_draws_first_classes(monkeypatch, learns):
+    model, images = Tiny(hidden=8 if len(learns) > 1 else 0), class_images()
+    nested = protocol(classes=[2, 5], lrs=[0.05, 0.005], opt_params=learns, reinit_params=[], eval_freq=2)
+    results = LRSweep(model, images, replace(nested, class_draws="nested"), seed=3).run_counts([2, 5])
+    alone = LRSweep(model, images, replace(nested, class_draws="independent"), seed=3)
+    assert results[5].classes_trained == [1, 2, 4, 5] and results[2].classes_trained == [1, 2]
+    # the largest count is the independent sweep itself
+    whole = alone.run(5)
+    # a smaller count is the largest draw's first classes, learned and measured on their own
+    largest = draw_tasks(30, 20, 5, 15, 5, 2, 3, "test")
+    monkeypatch.setattr(sweep_module, "draw_tasks", lambda *args: largest.first(2))
+    first = alone.run(2)
+    for kind in ("train_acc", "test_acc", "train_top5", "test_top5"):
+        assert getattr(results[2], kind).shape == (2, 4, 2)
+        assert_accuracies_agree(getattr(results[5], kind), getattr(whole, kind))
+        assert_accuracies_agree(getattr(results[2], kind), getattr(first, kind))
+    assert not np.array_equal(results[5].test_acc[-1], results[5].test_acc[0])  # learning happened
+
+
+def test_nested_draws_share_one_trajectory_per_run_among_counts_at_the_same_lr():
+    assert nested_groups([600, 10, 50, 100], None) == [([10, 50, 100, 600], None)]
+    chosen = {10: 0.001, 50: 0.0004, 100: 0.0004, 600: 0.0004}
+    assert nested_groups([10, 50, 100, 600], chosen) == [([10], [0.001]), ([50, 100, 600], [0.0004])]
+    with pytest.raises(ConfigError, match="class_draws=independent"):
+        protocol(eval_method="iid", class_draws="nested")
+    with pytest.raises(ConfigError, match="class_draws=independent"):
+        protocol(reinit_method="lstsq", class_draws="nested")
+    sweep = LRSweep(Tiny(), class_images(), protocol(eval_method="iid"), seed=0)  # auto: independent for iid
+    assert [counts for counts, _ in sweep.groups([2, 4])] == [[2], [4]]
 
 
 @pytest.mark.parametrize("eval_method", ["sequential", "iid"])
@@ -283,16 +317,16 @@ def run_eval(tmp_path, monkeypatch, splits, name, mode="new", model_seed=0, **ch
 
 @pytest.fixture
 def sweeps(monkeypatch):
-    """Every LRSweep.run of a meta-eval, in order: (split, class count, its Trajectories)."""
+    """Every LRSweep.run_group of a meta-eval, in order: (split, class count or counts, their Trajectories)."""
     calls = []
-    real = LRSweep.run
+    real = LRSweep.run_group
 
-    def spy(self, classes, trajectories=None, **options):
-        result = real(self, classes, trajectories, **options)
-        calls.append((self.split, classes, result.trajectories))
-        return result
+    def spy(self, counts, trajectories=None, **options):
+        results = real(self, counts, trajectories, **options)
+        calls.append((self.split, counts[0] if len(counts) == 1 else tuple(counts), results[counts[0]].trajectories))
+        return results
 
-    monkeypatch.setattr(LRSweep, "run", spy)
+    monkeypatch.setattr(LRSweep, "run_group", spy)
     return calls
 
 
@@ -324,7 +358,11 @@ def test_validation_selection_never_touches_test_images(tmp_path, monkeypatch):
 
 def test_test_split_runs_only_at_the_validation_chosen_lr_by_default(tmp_path, monkeypatch, sweeps):
     _, final, frame = run_eval(
-        tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "chosen", **{"protocol.classes": "[3,15]"}
+        tmp_path,
+        monkeypatch,
+        {"val": VAL, "test": TEST},
+        "chosen",
+        **{"protocol.classes": "[3,15]", "protocol.class_draws": "independent"},
     )
     # validation: every LR x run (3 x 2) at 3 and 12 classes (its pool holds 12); test: the 2 runs at one LR
     assert [(split, classes, t.count) for split, classes, t in sweeps] == [
@@ -345,14 +383,31 @@ def test_test_split_runs_only_at_the_validation_chosen_lr_by_default(tmp_path, m
     assert not any(key.startswith("best-on-test") for key in final)
 
 
-def test_test_lrs_all_reproduces_the_full_sweep_table(tmp_path, monkeypatch, sweeps):
-    _, _, chosen = run_eval(
-        tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "chosen", **{"protocol.classes": "[3,15]"}
-    )
-    sweeps.clear()
+def test_the_default_meta_eval_learns_each_runs_largest_draw_once_per_chosen_lr(tmp_path, monkeypatch, sweeps):
     _, final, frame = run_eval(
-        tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "all", test_lrs="all", **{"protocol.classes": "[3,15]"}
+        tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "nested", **{"protocol.classes": "[3,5,15]"}
     )
+    # validation: one sweep of every LR x run for 3, 5 and 12 classes; test: one per distinct chosen LR
+    assert [(split, counts, t.count) for split, counts, t in sweeps[:1]] == [("val", (3, 5, 12), 6)]
+    chosen = {classes: final[f"validation/{classes}/lr"] for classes in (3, 5, 15)}
+    tested = {}
+    for split, counts, trajectories in sweeps[1:]:
+        counts = counts if isinstance(counts, tuple) else (counts,)
+        assert split == "test" and trajectories.run.tolist() == [0, 1]
+        tested.update({classes: trajectories.lr.tolist() for classes in counts})
+    assert tested == {classes: [lr, lr] for classes, lr in chosen.items()}
+    assert len(sweeps) == 1 + len(set(chosen.values()))
+    # every count has its rows: runs x classes at the end, on its own first classes
+    test_rows = frame[frame["split"] == "test"]
+    assert len(test_rows) == 2 * (3 + 5 + 15) and test_rows["class_draws"].eq("nested").all()
+    assert (test_rows.groupby("classes")["class_id"].max() == pd.Series({3: 2, 5: 4, 15: 14})).all()
+
+
+def test_test_lrs_all_reproduces_the_full_sweep_table(tmp_path, monkeypatch, sweeps):
+    independent = {"protocol.classes": "[3,15]", "protocol.class_draws": "independent"}
+    _, _, chosen = run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "chosen", **independent)
+    sweeps.clear()
+    _, final, frame = run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "all", test_lrs="all", **independent)
     assert [(split, classes, t.count) for split, classes, t in sweeps] == [
         ("val", 3, 6),
         ("val", 12, 6),
@@ -360,7 +415,7 @@ def test_test_lrs_all_reproduces_the_full_sweep_table(tmp_path, monkeypatch, swe
         ("test", 15, 6),
     ]
     # every split's every-LR sweep, exactly as LRSweep gives it (what meta-eval wrote before test_lrs existed)
-    config = protocol(classes=[3, 15], lrs=[0.05, 0.005, 0.0005])
+    config = protocol(classes=[3, 15], lrs=[0.05, 0.005, 0.0005], class_draws="independent")
     checkpoint = frame["model"].iloc[0]
     model, info = load_eval_model(checkpoint), describe(config, checkpoint, "omniglot")
     expected = []
@@ -379,40 +434,43 @@ def test_test_lrs_all_reproduces_the_full_sweep_table(tmp_path, monkeypatch, swe
     assert {"best-on-test/3/lr", "best-on-test/15/lr", "validation/15/lr"} <= set(final)
 
 
-def test_a_meta_eval_stopped_after_validation_resumes_to_the_same_results(tmp_path, monkeypatch):
-    classes = {"protocol.classes": "[3,15]"}
+@pytest.mark.parametrize("draws, validation_sweeps", [("independent", 2), ("nested", 1)])
+def test_a_meta_eval_stopped_after_validation_resumes_to_the_same_results(
+    tmp_path, monkeypatch, draws, validation_sweeps
+):
+    classes = {"protocol.classes": "[3,15]", "protocol.class_draws": draws}
     _, straight, frame = run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "straight", **classes)
-    real, calls = LRSweep.run, []
+    real, calls = LRSweep.run_group, []
 
     def stop_after_validation(self, *args, **options):
         calls.append(self.split)
-        if len(calls) == 2:  # the last validation count: the run stops after it, before any test sweep
+        if len(calls) == validation_sweeps:  # the last validation sweep: the run stops after it, before any test
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self, *args, **options)
 
-    monkeypatch.setattr(LRSweep, "run", stop_after_validation)
+    monkeypatch.setattr(LRSweep, "run_group", stop_after_validation)
     with pytest.raises(RunInterrupted):
         run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "resumed", **classes)
-    monkeypatch.setattr(LRSweep, "run", real)
+    monkeypatch.setattr(LRSweep, "run_group", real)
     _, resumed, resumed_frame = run_eval(
         tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "resumed", "resume", **classes
     )
-    assert calls == ["val", "val"]
+    assert calls == ["val"] * validation_sweeps
     pd.testing.assert_frame_equal(resumed_frame, frame)  # the test split at the LRs chosen before the stop
     assert resumed == straight
 
 
 def test_a_meta_eval_never_resumes_on_another_model(tmp_path, monkeypatch):
-    real = LRSweep.run
+    real = LRSweep.run_group
 
     def stop_at_once(self, *args, **options):
         os.kill(os.getpid(), signal.SIGTERM)
         return real(self, *args, **options)
 
-    monkeypatch.setattr(LRSweep, "run", stop_at_once)
+    monkeypatch.setattr(LRSweep, "run_group", stop_at_once)
     with pytest.raises(RunInterrupted):
         run_eval(tmp_path, monkeypatch, {"val": VAL, "test": TEST}, "a")
-    monkeypatch.setattr(LRSweep, "run", real)
+    monkeypatch.setattr(LRSweep, "run_group", real)
     # the same weights saved again (other bytes: torch names the archive after its temporary file) resume
     other_bytes = tmp_path / "copy"
     other_bytes.mkdir()
@@ -463,6 +521,7 @@ def test_results_schema_and_report(tmp_path, monkeypatch):
         "reinit_method",
         "reinit_params",
         "opt_params",
+        "class_draws",
         "split",
         "classes",
         "lr",
@@ -479,6 +538,7 @@ def test_results_schema_and_report(tmp_path, monkeypatch):
     per_count = {3: len(eval_points(3, 2)) * 3, 5: len(eval_points(5, 2)) * 5}
     assert len(frame) == 2 * 3 * 2 * sum(per_count.values())
     assert frame["train_acc"].between(0, 1).all() and frame["eval_method"].eq("sequential").all()
+    assert frame["class_draws"].eq("nested").all()  # the default, where it applies
     sizes = frame.groupby(["split", "classes", "lr", "run", "classes_trained"]).size()
     assert (sizes.index.get_level_values("classes") == sizes.values).all()
     files = write_report([path], tmp_path / "report", echo=None)
@@ -491,6 +551,10 @@ def test_results_schema_and_report(tmp_path, monkeypatch):
     old_files = write_report([old], tmp_path / "old-report", echo=None)
     for name in ("summary", "selection"):
         pd.testing.assert_frame_equal(pd.read_csv(old_files[name]), pd.read_csv(files[name]))
+    # one written before class_draws existed drew every count on its own
+    older = tmp_path / "older.parquet"
+    frame.drop(columns="class_draws").to_parquet(older)
+    assert read_results([older])["class_draws"].eq("independent").all()
 
 
 # ------------------------------------------------------------------- the checkpoint's data record

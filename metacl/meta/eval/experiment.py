@@ -15,7 +15,7 @@ evaluation point x class (`results.py`). `metacl meta report` summarises it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +26,7 @@ from torch import nn
 from ...core.errors import ConfigError, RunInterrupted
 from ...core.experiment import ExperimentConfig
 from .checkpoints import TrainingData, checkpoint_fingerprint, load_eval_model, resolve_checkpoint, training_data
-from .protocol import ProtocolConfig, check_protocol, class_counts
+from .protocol import ProtocolConfig, check_protocol, class_counts, nested_draws
 from .results import best_learning_rates, chosen_learning_rates, describe, result_frame, select_learning_rates
 from .sweep import LRSweep
 
@@ -84,6 +84,11 @@ class Config(ExperimentConfig):
             raise ConfigError(f"splits={self.splits}: valid splits are {' and '.join(SPLITS)}")
         if "val" not in self.splits and "test" in self.splits:
             needs_validation(self.protocol, self.test_lrs, "splits has no val")
+
+
+def draws(config: Config) -> str:
+    """How this meta-eval draws its class counts' classes: nested or independent (auto resolved)."""
+    return "nested" if nested_draws(config.protocol) else "independent"
 
 
 def needs_validation(protocol: ProtocolConfig, test_lrs: str, why: str) -> None:
@@ -188,11 +193,8 @@ def meta_test_model(
     """
     sweep = LRSweep(model, images, protocol, seed, split, quiet=quiet, log=log)
     info = describe(protocol, model_name, dataset)
-    frames = []
-    for classes in class_counts(protocol, split, images.shape[0]):
-        trajectories = None if lrs is None else sweep.trajectories([lrs[classes]])
-        frames.append(result_frame(sweep.run(classes, trajectories), info, classes, split))
-    return pd.concat(frames, ignore_index=True)
+    results = sweep.run_counts(class_counts(protocol, split, images.shape[0]), lrs)
+    return pd.concat([result_frame(r, info, c, split) for c, r in sorted(results.items())], ignore_index=True)
 
 
 # ------------------------------------------------------------------------------- the run
@@ -210,13 +212,15 @@ def run(config: Config, run) -> dict:
             f"(val_classes={setup.val_classes}): nothing to meta-test; set data.val_classes"
         )
     state = run.load_checkpoint()
-    # a run started by metacl before test_lrs existed swept the test split at every LR: finish it so
-    state = state if state is not None else {"done": [], "test_lrs": config.test_lrs}
+    # a run started by metacl before test_lrs existed swept the test split at every LR: finish it so,
+    state = state if state is not None else {"done": [], "test_lrs": config.test_lrs, "class_draws": draws(config)}
     test_lrs = state.setdefault("test_lrs", "all")
+    # and drew every class count on its own: resume it so
+    protocol = replace(config.protocol, class_draws=state.setdefault("class_draws", "independent"))
     if "test" in splits and "val" not in splits:
         needs_validation(config.protocol, test_lrs, f"the checkpoint holds none (val_classes={setup.val_classes})")
     table = run.table("results")
-    info = describe(config.protocol, str(config.checkpoint), config.data.dataset)
+    info = describe(protocol, str(config.checkpoint), config.data.dataset)
     run.log.info(
         "meta-eval of %s: splits %s, %d LRs x %d runs (test split: %s)",
         resolve_checkpoint(config.checkpoint),
@@ -226,28 +230,30 @@ def run(config: Config, run) -> dict:
         "every LR" if test_lrs == "all" else "the validation-chosen LR",
     )
     for split, images in splits.items():
-        sweep = LRSweep(model, images, config.protocol, config.seed, split, quiet=config.quiet, log=run.log.info)
-        counts = class_counts(config.protocol, split, images.shape[0])
+        sweep = LRSweep(model, images, protocol, config.seed, split, quiet=config.quiet, log=run.log.info)
+        counts = class_counts(protocol, split, images.shape[0])
         chosen = {}
         if split == "test" and test_lrs == "chosen":
-            candidates = config.protocol.learning_rates()
+            candidates = protocol.learning_rates()
             chosen = (
                 chosen_learning_rates(table.frame(), counts)
                 if "val" in splits
                 else {classes: (candidates[0], None) for classes in counts}
             )
-        for classes in counts:
-            key = f"{split}/{classes}"
-            if key in state["done"]:
+        for group, trajectories in sweep.groups(counts, {c: lr for c, (lr, _) in chosen.items()} or None):
+            keys = [f"{split}/{classes}" for classes in group]
+            if all(key in state["done"] for key in keys):
                 continue
-            trajectories = sweep.trajectories([chosen[classes][0]]) if chosen else None
-            frame = result_frame(sweep.run(classes, trajectories), info, classes, split)
-            table.append(frame.to_dict("records"))
-            log_progress(run, frame, split, classes, chosen.get(classes))
-            state["done"].append(key)
+            for classes, result in sweep.run_group(group, trajectories).items():
+                if f"{split}/{classes}" in state["done"]:  # done by an interrupted run before this one
+                    continue
+                frame = result_frame(result, info, classes, split)
+                table.append(frame.to_dict("records"))
+                log_progress(run, frame, split, classes, chosen.get(classes))
+            state["done"].extend(key for key in keys if key not in state["done"])
             run.save_checkpoint(state)
             if run.stop_requested:
-                raise RunInterrupted(f"stopped after {key}; resume with --resume")
+                raise RunInterrupted(f"stopped after {', '.join(keys)}; resume with --resume")
     run.flush()
     summary = {}
     for row in select_learning_rates(table.frame()).itertuples():

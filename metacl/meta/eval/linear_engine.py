@@ -60,8 +60,9 @@ class LinearEngine:
         accuracies = no_accuracies(len(schedule.points), trajectories.count, tasks.classes)
 
         def record(point: int) -> None:
-            for kind, values in self.measure(weight, tasks, trajectories).items():
-                accuracies[kind][point] = values
+            measured = schedule.measured[point]
+            for kind, values in self.measure(weight, tasks.first(measured), trajectories).items():
+                accuracies[kind][point, :, :measured] = values
 
         if schedule.sequential:
             step, carry = self._one_image_steps(weight, images, labels, trajectories)

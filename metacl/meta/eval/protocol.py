@@ -47,7 +47,15 @@ class ProtocolConfig:
     """Support images for the lstsq re-initialisation, drawn at random (all of them when it exceeds the
     support set); None takes one image per class, as the reference does."""
     classes: Annotated[list[Positive], NonEmpty()] = field(default_factory=lambda: list(REFERENCE_CLASSES))
-    """Class counts to evaluate; each is a separate sweep with its own class draws."""
+    """Class counts to evaluate (how their classes are drawn: class_draws)."""
+    class_draws: Literal["auto", "nested", "independent"] = "auto"
+    """nested: each run draws the largest count's classes once, learns them in order and is
+    measured on its first c classes after learning them, for every count c. The first c of a random
+    order are a random c-subset, so each count's expected accuracy is the independent protocol's,
+    at the cost of the largest count alone; the largest count's results are identical in both.
+    independent: every count draws and learns its own classes, as the reference's separate jobs
+    did. auto: nested where it applies (sequential, kaiming or no re-initialisation), else
+    independent."""
     train_examples: Positive = 15
     """Images per class learned from (the support set); the retention measurement."""
     test_examples: Positive = 5
@@ -79,6 +87,17 @@ class ProtocolConfig:
         return [0.0] if self.eval_method == "zero-shot" else list(self.lrs)
 
 
+def nestable(protocol: ProtocolConfig) -> bool:
+    """Whether class counts can share one class draw: a sequential trajectory whose start does not
+    look at its classes (lstsq fits on every support image; iid learns them all at once)."""
+    return protocol.eval_method == "sequential" and (not protocol.reinit_params or protocol.reinit_method == "kaiming")
+
+
+def nested_draws(protocol: ProtocolConfig) -> bool:
+    """Whether this protocol's class counts share one class draw per run (class_draws, auto resolved)."""
+    return protocol.class_draws == "nested" or (protocol.class_draws == "auto" and nestable(protocol))
+
+
 def check_protocol(protocol: ProtocolConfig, per_class: int | None = None) -> None:
     """Raise ConfigError for settings the protocol cannot run."""
     if not protocol.classes or any(c < 1 for c in protocol.classes):
@@ -96,6 +115,14 @@ def check_protocol(protocol: ProtocolConfig, per_class: int | None = None) -> No
         raise ConfigError("protocol.runs, epochs and batch_size must be >= 1 and eval_freq >= 0")
     if protocol.eval_method == "zero-shot" and protocol.reinit_method != "lstsq":
         raise ConfigError("eval_method=zero-shot learns nothing, so it needs reinit_method=lstsq")
+    if protocol.class_draws == "nested" and not nestable(protocol):
+        raise ConfigError(
+            f"protocol.class_draws=nested measures each class count part-way through the largest count's "
+            f"sequential trajectory, but eval_method={protocol.eval_method} with reinit_method="
+            f"{protocol.reinit_method} starts from or learns on all its classes at once; set "
+            f"protocol.class_draws=independent (valid: nested with eval_method=sequential and "
+            f"reinit_method=kaiming)"
+        )
     if protocol.init_size is not None and protocol.init_size < 1:
         raise ConfigError(f"protocol.init_size must be >= 1 or null, got {protocol.init_size}")
     if protocol.trajectory_group < 0:
@@ -121,6 +148,13 @@ class Tasks:
     @property
     def classes(self) -> int:
         return self.class_ids.shape[1]
+
+    def first(self, classes: int) -> Tasks:
+        """The tasks of each run's first `classes` classes in learning order (a nested draw's smaller count)."""
+        if classes == self.classes:
+            return self
+        train, test = self.train.shape[1] // self.classes, self.test.shape[1] // self.classes
+        return Tasks(self.class_ids[:, :classes], self.train[:, : classes * train], self.test[:, : classes * test])
 
     def labels(self, images: Literal["train", "test"], runs: torch.Tensor) -> torch.Tensor:
         """(len(runs), images per run) the label of each `train` or `test` image of these runs."""
@@ -151,6 +185,17 @@ def draw_tasks(
         train.append(flat[:, :train_examples].flatten())
         test.append(flat[:, train_examples : train_examples + test_examples].flatten())
     return Tasks(torch.stack(ids), torch.stack(train), torch.stack(test))
+
+
+def nested_groups(counts: list[int], lrs: dict[int, float] | None) -> list[tuple[list[int], list[float] | None]]:
+    """The trajectories one nested class draw serves: (counts, their LR) per distinct chosen LR, or
+    every count at every LR (`lrs` None). A count's trajectory stops at the largest count of its group."""
+    if lrs is None:
+        return [(sorted(counts), None)]
+    by_lr: dict[float, list[int]] = {}
+    for classes in sorted(counts):
+        by_lr.setdefault(lrs[classes], []).append(classes)
+    return [(group, [lr]) for lr, group in by_lr.items()]
 
 
 def eval_points(classes: int, eval_freq: int) -> list[int]:

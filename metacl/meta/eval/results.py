@@ -23,7 +23,7 @@ import pandas as pd
 
 from ...core.errors import ConfigError
 from ...core.stats import t_quantile
-from .protocol import MetaTestResult, ProtocolConfig
+from .protocol import MetaTestResult, ProtocolConfig, nested_draws
 
 KEYS = [
     "model",
@@ -34,12 +34,15 @@ KEYS = [
     "opt_params",
     "train_examples",
     "test_examples",
+    "class_draws",
 ]
 """Columns that identify one evaluation setting."""
 REQUIRED = KEYS + ["split", "classes", "lr", "run", "classes_trained", "class_id", "train_acc", "test_acc"]
 """Columns every results table has."""
 RENAMED = {"trial": "run"}
 """Columns of tables written by older metacl versions, and their names today."""
+ADDED = {"class_draws": "independent"}
+"""Columns older metacl versions did not write, and what their tables hold in them."""
 RESULT_FILES = ("results.parquet", "meta_test.parquet")
 """A run directory's results: a meta-eval run's, or the meta-tests of a meta-train run's eval_steps."""
 
@@ -56,6 +59,7 @@ def describe(protocol: ProtocolConfig, model: str, dataset: str) -> dict[str, An
         "reinit_method": protocol.reinit_method,
         "reinit_params": ",".join(protocol.reinit_params),
         "opt_params": ",".join(protocol.opt_params),
+        "class_draws": "nested" if nested_draws(protocol) else "independent",
     }
 
 
@@ -81,7 +85,9 @@ def result_frame(result: MetaTestResult, info: dict[str, Any], classes: int, spl
 
 
 def upgrade(frame: pd.DataFrame) -> pd.DataFrame:
-    """A results table in today's columns: older tables named the repeat index `trial`."""
+    """A results table in today's columns: older tables named the repeat index `trial` and had no `class_draws`."""
+    for col, value in ADDED.items():  # rows appended by two metacl versions hold None in it
+        frame = frame.assign(**{col: frame[col].fillna(value) if col in frame.columns else value})
     for old, new in RENAMED.items():
         if old not in frame.columns:
             continue

@@ -42,22 +42,33 @@ class Schedule:
     """Classes learned at each evaluation point."""
     sequential: bool
     """One image per step, each once, in learning order (the ANML/OML meta-test)."""
+    measured: list[int]
+    """Leading classes (in learning order) measured at each evaluation point: all of them, or, for
+    a nested draw, as many as the largest class count that is evaluated there."""
 
     @classmethod
-    def of(cls, protocol: ProtocolConfig, tasks: Tasks, seed: int, split: str) -> Schedule:
-        """The schedule of `protocol.eval_method` for these tasks (iid shuffles are seeded per run and epoch)."""
+    def of(
+        cls, protocol: ProtocolConfig, tasks: Tasks, seed: int, split: str, counts: list[int] | None = None
+    ) -> Schedule:
+        """The schedule of `protocol.eval_method` for these tasks (iid shuffles are seeded per run and
+        epoch). `counts`: the class counts a nested draw serves (sequential only; default: all classes)."""
         runs, n = tasks.train.shape
         if protocol.eval_method == "sequential":
-            points = eval_points(tasks.classes, protocol.eval_freq)
+            counts = counts or [tasks.classes]
+            serves = {c: eval_points(c, protocol.eval_freq) for c in counts}
+            points = sorted({q for at in serves.values() for q in at})
             return cls(
                 torch.arange(n).expand(runs, n),
                 [slice(k, k + 1) for k in range(n)],
                 [c * protocol.train_examples for c in points],
                 points,
                 True,
+                [max(c for c, at in serves.items() if q in at) for q in points],
             )
+        if counts not in (None, [tasks.classes]):
+            raise ValueError(f"only the sequential schedule serves several class counts, not {protocol.eval_method}")
         if protocol.eval_method == "zero-shot":
-            return cls(torch.zeros(runs, 0, dtype=torch.long), [], [0], [tasks.classes], False)
+            return cls(torch.zeros(runs, 0, dtype=torch.long), [], [0], [tasks.classes], False, [tasks.classes])
         order = torch.stack(
             [
                 torch.cat(
@@ -76,7 +87,7 @@ class Schedule:
             for epoch in range(protocol.epochs)
             for lo in range(0, n, protocol.batch_size)
         ]
-        return cls(order, batches, [len(batches)], [tasks.classes], False)
+        return cls(order, batches, [len(batches)], [tasks.classes], False, [tasks.classes])
 
     @property
     def examples_seen(self) -> int:
@@ -100,7 +111,7 @@ class Schedule:
         advance: Callable[[int], None] = lambda _images: None,
         carry: Any = None,
     ) -> None:
-        """Run every step and, at each evaluation point e, `record(e)`.
+        """Run every step and, at each evaluation point e, `record(e)` (which measures `measured[e]` classes).
 
         `carry = step(carry, k, columns)` learns step k's `columns` of `order`; what a step computes
         for the next (the fused linear step's next logits) is what it returns. `advance(images)` is

@@ -20,9 +20,18 @@ from ...core.progress import progress
 from ...models import select_parameters
 from .adam import FusedLinearStep
 from .linear_engine import LinearEngine
-from .protocol import MetaTestResult, ProtocolConfig, Tasks, check_protocol, draw_tasks
+from .protocol import (
+    MetaTestResult,
+    ProtocolConfig,
+    Tasks,
+    check_protocol,
+    draw_tasks,
+    eval_points,
+    nested_draws,
+    nested_groups,
+)
 from .reinit import Reinit, layer_inputs, lstsq_layer
-from .schedule import Schedule, no_accuracies
+from .schedule import KINDS, Schedule, no_accuracies
 from .trajectories import Trajectories
 from .vmap_engine import VmapEngine
 
@@ -83,27 +92,51 @@ class LRSweep:
     def run(
         self, classes: int, trajectories: Trajectories | None = None, *, return_weights: bool = False
     ) -> MetaTestResult:
-        """Meta-test `trajectories` (default: every LR x run) on `classes` classes.
+        """Meta-test `trajectories` (default: every LR x run) on their own draw of `classes` classes.
 
         The class draws, splits and starting values depend only on the run, so a trajectory's
         result does not depend on which others run beside it (to float32 rounding: batched
         matrix products may sum in another order for another batch size).
         """
+        return self.run_group([classes], trajectories, return_weights=return_weights)[classes]
+
+    def groups(self, counts: list[int], lrs: dict[int, float] | None = None) -> list[tuple[list[int], Trajectories]]:
+        """How `counts` are meta-tested, at every LR x run or, with `lrs`, each count at its LR:
+        (counts, trajectories) per `run_group` call. Nested draws (`protocol.class_draws`) put the
+        counts that share an LR in one group; independent draws give each count its own."""
+        if nested_draws(self.protocol):
+            return [(group, self.trajectories(lr)) for group, lr in nested_groups(counts, lrs)]
+        return [([c], self.trajectories(None if lrs is None else [lrs[c]])) for c in counts]
+
+    def run_counts(self, counts: list[int], lrs: dict[int, float] | None = None) -> dict[int, MetaTestResult]:
+        """{class count: result} for every count (see `groups`)."""
+        results = {}
+        for group, trajectories in self.groups(counts, lrs):
+            results.update(self.run_group(group, trajectories))
+        return results
+
+    def run_group(
+        self, counts: list[int], trajectories: Trajectories | None = None, *, return_weights: bool = False
+    ) -> dict[int, MetaTestResult]:
+        """Meta-test `trajectories` (default: every LR x run) on `counts`: each run draws the largest
+        count's classes and learns them once, measured on its first c classes after learning them
+        for every count c (a single count: its own sweep)."""
         p = self.protocol
         trajectories = self.trajectories() if trajectories is None else trajectories
         if trajectories.count == 0 or trajectories.run.min() < 0 or trajectories.run.max() >= p.runs:
             raise ValueError(f"trajectories must name runs 0..{p.runs - 1}, got {sorted(set(trajectories.run))}")
+        top = max(counts)
         tasks = draw_tasks(
-            self.num_classes, self.per_class, classes, p.train_examples, p.test_examples, p.runs, self.seed, self.split
+            self.num_classes, self.per_class, top, p.train_examples, p.test_examples, p.runs, self.seed, self.split
         )
-        schedule = Schedule.of(p, tasks, self.seed, self.split)
+        schedule = Schedule.of(p, tasks, self.seed, self.split, counts)
         engine, params, layer_input = self._engine(tasks)
         starts = {run: self.reinit.start(tasks, run, params, layer_input) for run in trajectories.runs}
-        accuracies = no_accuracies(len(schedule.points), trajectories.count, classes)
+        accuracies = no_accuracies(len(schedule.points), trajectories.count, top)
         weights = []
         bar = progress(
             total=trajectories.count * schedule.examples_seen,
-            desc=f"{self.split} {classes} classes",
+            desc=f"{self.split} {', '.join(map(str, counts))} classes",
             quiet=self.quiet or not schedule.examples_seen,
             unit="step",
         )
@@ -114,15 +147,14 @@ class LRSweep:
             if return_weights:
                 weights.append(engine.flatten(learned))
         bar.close()
-        return MetaTestResult(
-            trajectories,
-            schedule.points,
-            accuracies["train"],
-            accuracies["test"],
-            accuracies["train5"],
-            accuracies["test5"],
-            torch.cat(weights) if return_weights else None,
-        )
+        results = {}
+        for classes in counts:
+            serves = eval_points(classes, p.eval_freq) if len(counts) > 1 else schedule.points
+            at = [schedule.points.index(q) for q in serves]
+            kinds = [accuracies[kind][at][:, :, :classes] for kind in KINDS]
+            final_weights = torch.cat(weights) if return_weights and classes == top else None
+            results[classes] = MetaTestResult(trajectories, [schedule.points[i] for i in at], *kinds, final_weights)
+        return results
 
     def initial_values(self, tasks: Tasks, run: int) -> dict[str, torch.Tensor]:
         """Run `run`'s starting values of the parameters that learn (the model's, re-initialised)."""

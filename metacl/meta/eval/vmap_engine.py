@@ -73,8 +73,9 @@ class VmapEngine:
             optimiser.step(self.grads_of(params, self.inputs[images[:, columns]], labels[:, columns]))
 
         def record(point: int) -> None:
-            for kind, values in self.measure(params, tasks, trajectories).items():
-                accuracies[kind][point] = values
+            measured = schedule.measured[point]
+            for kind, values in self.measure(params, tasks.first(measured), trajectories).items():
+                accuracies[kind][point, :, :measured] = values
 
         schedule.drive(step, record, lambda seen: advance(trajectories.count * seen))
         return accuracies, params
