@@ -30,6 +30,7 @@ from metacl.mastery import data as scene_data
 from metacl.mastery import experiment as mastery
 from metacl.mastery.config import ForgettingConfig, ModelConfig
 from metacl.mastery.epochs import draw_all_pairs, episode_counts
+from metacl.mastery.report import write_report
 from metacl.models import build_model
 from tests.mastery_helpers import CONFIGS, scripted_evaluate, tiny
 from tests.mastery_helpers import run_config as run_mastery_config
@@ -461,7 +462,7 @@ def test_test_every_trials_records_the_first_passing_test_point(scenes, tmp_path
             ]
         ),
     )  # ep 3: passes at epoch 1
-    _, final, tables = run_config(
+    run_dir, final, tables = run_config(
         None,
         tiny(
             scenes, tmp_path, "train.criterion=0.75", "train.test_every_trials=120", "train.max_epochs_per_episode=20"
@@ -483,6 +484,11 @@ def test_test_every_trials_records_the_first_passing_test_point(scenes, tmp_path
         per_epoch = 180 if point["episode"].iloc[0] == 1 else 360
         in_epoch = point["trials_in_epoch"].iloc[0]
         assert point["task_trials"].sum() == (epoch - 1) * per_epoch + in_epoch
+    # the report carries the finer test points and plots them
+    report = write_report([run_dir], tmp_path / "report")
+    written = pd.read_csv(report / "tests.csv")
+    assert len(written) == len(tests) and (written["test_acc"].to_numpy() == tests["test_acc"].to_numpy()).all()
+    assert (report / "accuracy_curves.png").stat().st_size > 0 and "- tests.csv" in (report / "summary.md").read_text()
 
 
 def test_test_every_trials_does_not_change_training(scenes, tmp_path):

@@ -70,7 +70,7 @@ def fit_power_law(points: pd.DataFrame, from_episode: int = 1, x_column: str = "
 
 def read_runs(run_dirs: list[str | Path]) -> dict[str, pd.DataFrame]:
     """Concatenate the tables of every run, tagged with run name, condition, model and seed."""
-    frames: dict[str, list[pd.DataFrame]] = {"criterion": [], "epochs": [], "forgetting": []}
+    frames: dict[str, list[pd.DataFrame]] = {"criterion": [], "epochs": [], "tests": [], "forgetting": []}
     names: set[str] = set()
     for run_dir in map(Path, run_dirs):
         config_path = run_dir / "config.yaml"
@@ -155,7 +155,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, fit_from: int 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     criterion, epochs, forgetting = tables["criterion"], tables["epochs"], tables["forgetting"]
-    written: dict[str, pd.DataFrame] = {"epochs": epochs, "criterion": criterion}
+    written: dict[str, pd.DataFrame] = {"epochs": epochs, "tests": tables["tests"], "criterion": criterion}
     fit = None
     if len(criterion):
         per_episode = new_task_trials(criterion)
@@ -186,7 +186,9 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, fit_from: int 
     if len(criterion) and criterion["is_new"].any():
         plots.append(_plot_trials(plt, criterion, written["new_task_trials"], fit, out / "trials_to_criterion.png"))
         plots.append(_plot_relearning(plt, criterion, out / "relearning.png"))
-    if len(epochs):
+    if len(tables["tests"]):  # train.test_every_trials: test points within epochs, epoch ends included
+        plots.append(_plot_accuracy(plt, tables["tests"], out / "accuracy_curves.png"))
+    elif len(epochs):
         plots.append(_plot_accuracy(plt, epochs, out / "accuracy_curves.png"))
     if len(forgetting):
         plots.append(_plot_forgetting(plt, written["forgetting_curves"], out / "forgetting.png"))
@@ -249,18 +251,16 @@ def _plot_relearning(plt, criterion, path):
     return _save(fig, path)
 
 
-def _plot_accuracy(plt, epochs, path):
-    runs = list(epochs["run"].unique())[:4]
+def _plot_accuracy(plt, points, path):
+    """Test accuracy of every task against cumulative trials, per run: the `epochs` table (one
+    point per epoch) or the finer `tests` table."""
+    runs = list(points["run"].unique())[:4]
     fig, axes = plt.subplots(len(runs), 1, figsize=(7, 2.6 * len(runs)), squeeze=False)
     for ax, name in zip(axes[:, 0], runs):
-        run = epochs[epochs["run"] == name]
+        run = points[points["run"] == name]
         for task, group in run.groupby("task"):
-            ax.plot(
-                group["cumulative_trials"],
-                group["test_acc"],
-                lw=1,
-                label=f"task {task} (pos {int(group['position'].iloc[0])})",
-            )
+            position = f" (pos {int(group['position'].iloc[0])})" if "position" in group else ""
+            ax.plot(group["cumulative_trials"], group["test_acc"], lw=1, label=f"task {task}{position}")
         ax.axhline(0.95, color="0.5", ls=":", lw=0.8)
         ax.set(xlabel="cumulative trials", ylabel="test accuracy", title=name, ylim=(0.4, 1.01))
         ax.legend(fontsize=6, ncol=5, loc="lower right")
