@@ -11,7 +11,8 @@ extrapolates to the full 600-class sweep (9,000 steps + final evaluation). The d
 touches T x 1000 x 2305 parameters per step (read W, m, v; write W, m, v), so it is memory-bound:
 the script prints the achieved ns per parameter update and GB/s. `adam_floor.c` beside it
 measures the arithmetic alone (state held in cache), the floor under any exact implementation;
-`--floor` compiles and runs it (gcc, as its header says) and prints the ratio to it.
+`--floor` compiles and runs it (gcc, as its header says) and prints the ratio to it, running it
+again after the timing and in every repeat of `--groups`, since a shared machine's speed drifts.
 
 Reference (timed in the same run unless --skip-reference): the reference design's meta-test step,
 one full forward pass of the whole ANML model (28x28, one channel) per image and a
@@ -141,7 +142,7 @@ def frozen(args: argparse.Namespace, device: torch.device, floor_ns: float | Non
         f"  => full 600-class sweep ({trajectories} trajectories): {per_step * 1e3:.1f} ms/step x "
         f"{SWEEP_STEPS:,} steps + {evaluation:.1f} s evaluation = {total:.0f} s = {total / 60:.1f} min"
     )
-    return {"per_step": per_step, "trajectories": trajectories, "evaluation": evaluation, "total": total}
+    return {"per_step": per_step, "trajectories": trajectories, "evaluation": evaluation, "total": total, "ns": ns}
 
 
 def reference(args: argparse.Namespace, device: torch.device) -> float:
@@ -215,14 +216,16 @@ def compare(ours: dict[str, float], reference_step: float) -> None:
         )
 
 
-def adam_floor(threads: int) -> float | None:
-    """ns per parameter update of adam_floor.c, compiled and run as its header says (None: skipped)."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        print("arithmetic floor skipped: gcc not found")
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        binary = Path(tmp) / "adam_floor"
+class AdamFloor:
+    """adam_floor.c, compiled once as its header says, run as often as asked (ns per update)."""
+
+    def __init__(self, threads: int, directory: str):
+        self.threads, self.binary = threads, None
+        gcc = shutil.which("gcc")
+        if gcc is None:
+            print("arithmetic floor skipped: gcc not found")
+            return
+        binary = Path(directory) / "adam_floor"
         build = subprocess.run(
             [gcc, "-O3", "-march=native", "-fno-math-errno", "-fopenmp", str(ADAM_FLOOR), "-o", str(binary), "-lm"],
             capture_output=True,
@@ -231,26 +234,38 @@ def adam_floor(threads: int) -> float | None:
         if build.returncode != 0:
             errors = [line for line in build.stderr.splitlines() if "error" in line] or [f"exit {build.returncode}"]
             print(f"arithmetic floor skipped: gcc failed to build {ADAM_FLOOR.name}: {errors[0].strip()}")
+            return
+        self.binary = binary
+
+    def run(self, echo: bool = False) -> float | None:
+        """One run's ns per parameter update (None: not built, or it printed no figure)."""
+        if self.binary is None:
             return None
         run = subprocess.run(
-            [str(binary)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)}
+            [str(self.binary)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(self.threads)}
         )
-    match = re.search(r"([0-9.]+) ns per parameter update", run.stdout)
-    if run.returncode != 0 or match is None:
-        print(f"arithmetic floor skipped: {ADAM_FLOOR.name} printed no figure (exit {run.returncode})")
-        return None
-    print(f"arithmetic floor (adam_floor.c, gcc -O3 -march=native -fopenmp, OMP_NUM_THREADS={threads}, this run):")
-    for line in run.stdout.strip().splitlines():
-        print(f"  {line.strip()}")
-    return float(match.group(1))
+        match = re.search(r"([0-9.]+) ns per parameter update", run.stdout)
+        if run.returncode != 0 or match is None:
+            print(f"arithmetic floor skipped: {ADAM_FLOOR.name} printed no figure (exit {run.returncode})")
+            return None
+        if echo:
+            print(
+                f"arithmetic floor (adam_floor.c, gcc -O3 -march=native -fopenmp, "
+                f"OMP_NUM_THREADS={self.threads}, this run):"
+            )
+            for line in run.stdout.strip().splitlines():
+                print(f"  {line.strip()}")
+        return float(match.group(1))
 
 
 def load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def groups(args: argparse.Namespace, device: torch.device, floor_ns: float | None) -> None:
-    """ns per parameter update of the fused step for each group size, interleaved and repeated."""
+def groups(args: argparse.Namespace, device: torch.device, floor: AdamFloor | None) -> None:
+    """ns per parameter update of the fused step for each group size, interleaved and repeated;
+    with the floor, it runs in every repeat too, and each size's ratio to it is taken within the
+    repeat (a shared machine's speed drifts between repeats more than within one)."""
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = 64  # one compilation per group size (and output strides)
@@ -296,14 +311,19 @@ def groups(args: argparse.Namespace, device: torch.device, floor_ns: float | Non
         f"group sizes {sizes}: warm-up (compile) {time.perf_counter() - start:.0f} s, "
         f"{torch.get_num_threads()} threads, device {device}"
     )
-    measured = {g: [] for g in sizes}
+    measured: dict[int, list[float]] = {g: [] for g in sizes}
+    ratios: dict[int, list[float]] = {g: [] for g in sizes}
     for repeat in range(args.repeats):
+        floor_ns = floor.run() if floor else None
         for g in sizes if repeat % 2 == 0 else sizes[::-1]:  # alternate the order against drifting load
             measured[g].append(advance(g, max(3, int(args.group_updates // (g * args.outputs * width)))))
+            if floor_ns:
+                ratios[g].append(measured[g][-1] / floor_ns)
         print(
             f"  repeat {repeat}: load {load()}: "
             + ", ".join(f"G={g} {measured[g][-1]:.2f}" for g in sizes)
-            + " ns/update",
+            + " ns/update"
+            + (f"; floor {floor_ns:.3f} ns/update" if floor_ns else ""),
             flush=True,
         )
     for g in sizes:
@@ -311,7 +331,12 @@ def groups(args: argparse.Namespace, device: torch.device, floor_ns: float | Non
         print(
             f"  G={g:4d}: median {ns:.2f} ns/update (min {min(measured[g]):.2f}) => full sweep "
             f"{ns * FULL_SWEEP_UPDATES / 1e9 / 60:.0f} min of steps"
-            + (f"; {ns / floor_ns:.1f}x the arithmetic floor" if floor_ns else "")
+            + (
+                f"; {statistics.median(ratios[g]):.1f}x the arithmetic floor (median of the repeats' ratios, "
+                f"{min(ratios[g]):.1f}-{max(ratios[g]):.1f})"
+                if ratios[g]
+                else ""
+            )
         )
     print(f"  load average after: {load()}")
 
@@ -404,10 +429,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(hardware_summary(device), flush=True)
-    floor_ns = adam_floor(args.threads) if args.floor else None
-    if args.groups:
-        groups(args, device, floor_ns)
-    ours = None if args.skip_frozen else frozen(args, device, floor_ns)
+    with tempfile.TemporaryDirectory() as tmp:
+        floor = AdamFloor(args.threads, tmp) if args.floor else None
+        floor_ns = floor.run(echo=True) if floor else None
+        if args.groups:
+            groups(args, device, floor)
+        ours = None if args.skip_frozen else frozen(args, device, floor_ns)
+        after = floor.run() if floor and ours else None
+        if after and ours:  # the machine may have changed speed while the sweep was timed
+            print(
+                f"  the floor again, right after: {after:.3f} ns per update; the sweep is "
+                f"{ours['ns'] / after:.1f}x that"
+            )
     if not args.skip_reference:
         reference_step = reference(args, device)
         if ours is not None:
