@@ -103,6 +103,22 @@ def test_one_command_trains_meta_tests_honestly_and_reports_the_curve(tmp_path, 
     assert "meta-tested a different model" in capsys.readouterr().err
 
 
+def test_an_extended_reproduction_meta_tests_the_new_end_beside_the_old(tmp_path, synthetic_omniglot):
+    assert reproduce(tmp_path) == 0
+    old = read_results([tmp_path / "zap-meta-test"])
+    assert reproduce(tmp_path, "train.episodes=6", "eval_steps=[2, 4, 6]", "--extend") == 0
+    runs = sorted(p.name for p in tmp_path.iterdir())
+    assert runs == ["zap", "zap-curve-2", "zap-curve-4", "zap-meta-test", "zap-meta-test-6", "zap-report"]
+    pd.testing.assert_frame_equal(read_results([tmp_path / "zap-meta-test"]), old)  # kept as it was
+    curve = pd.read_csv(tmp_path / "zap-report" / "learning_curve.csv")
+    assert sorted(set(curve["step"])) == [2, 4, 6]
+    assert "6 episodes" in (tmp_path / "zap-report" / "reproduction.md").read_text()
+    # a plain reproduce of the extended run finds everything done
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/results.parquet")}
+    assert reproduce(tmp_path, "train.episodes=6", "eval_steps=[2, 4, 6]") == 0
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/results.parquet")} == before
+
+
 def test_a_model_without_validation_classes_is_reported_best_on_test(tmp_path, synthetic_omniglot):
     assert reproduce(tmp_path, "data.val_classes=0", curve_runs=0) == 0
     final = read_results([tmp_path / "zap-meta-test"])

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import metacl.meta.train.experiment as meta_experiment
-from metacl.core.errors import ConfigError, RunInterrupted
+from metacl.core.errors import ConfigError, MetaclError, RunInterrupted
 from metacl.core.experiment import execute, load_experiment_config
 from metacl.meta.train.algorithms import algorithm_class, available_algorithms, register_algorithm
 from metacl.meta.train.algorithms.episodic import EpisodeConfig
@@ -365,6 +365,59 @@ def test_interrupted_and_resumed_run_ends_exactly_like_a_straight_run(
     assert (straight_path / "models" / "step-4.pt").exists()
     assert straight["step"] == 6 and "val_trial_acc" in straight
     assert {k: v for k, v in straight.items() if k not in drop} == {k: v for k, v in resumed.items() if k not in drop}
+
+
+@pytest.mark.parametrize("first_eval_steps", ["[4, 6]", "[4]"])
+def test_an_extended_run_ends_exactly_like_a_run_of_that_length(tmp_path, synthetic_pools, first_eval_steps):
+    """--extend of a finished 6-episode run to 10 equals a 10-episode run from the start; with
+    the old end newly added to eval_steps, its model is saved and meta-tested on the way."""
+    longer = ("train.episodes=10", "eval_steps=[4, 6, 8]")
+    straight_path, straight = execute(tiny_config(tmp_path, "meta", "straight", *longer))
+    execute(tiny_config(tmp_path, "meta", "grown", f"eval_steps={first_eval_steps}"))
+    grown_path, grown = execute(tiny_config(tmp_path, "meta", "grown", *longer), "extend")
+
+    for name in ("model.pt", "models/step-4.pt", "models/step-6.pt", "models/step-8.pt"):
+        a, b = load_model(straight_path / name), load_model(grown_path / name)
+        for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), (name, key)
+    drop = ["seconds_per_step", "cpu_seconds_per_step"]
+    for table in ("train", "eval", "meta_test"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(straight_path / f"{table}.parquet").drop(columns=drop, errors="ignore"),
+            pd.read_parquet(grown_path / f"{table}.parquet").drop(columns=drop, errors="ignore"),
+        )
+    assert grown["step"] == 10 == straight["step"]
+    stored = load_experiment_config(str(grown_path / "config.yaml"), [], "meta-train")
+    assert stored.train.episodes == 10 and stored.eval_steps == [4, 6, 8]  # it describes the longer run
+    assert "extended: eval_steps" in (grown_path / "log.txt").read_text()
+    # extending again to the same length is a resume of a complete run: nothing runs
+    assert execute(tiny_config(tmp_path, "meta", "grown", *longer), "extend")[1] == grown
+
+
+@pytest.mark.parametrize(
+    "first, then, message",
+    [
+        ((), ("train.episodes=4", "eval_steps=[4]"), "shorter than the run's 6"),
+        ((), ("train.episodes=10", "eval_steps=[6]"), r"eval_steps: an extension may only add steps from 6 on"),
+        ((), ("train.episodes=10", "eval_steps=[4]"), r"add 6 \(the run's end\)"),
+        ((), ("train.episodes=10", "eval_steps=[4, 6]", "train.inner_lr=0.5"), "train.inner_lr: 0.1"),
+        (("log_every=4",), ("train.episodes=8", "eval_steps=[4, 6]", "log_every=4"), "not a multiple of log_every=4"),
+    ],
+)
+def test_extend_refuses_what_would_not_equal_a_longer_run(tmp_path, synthetic_pools, first, then, message):
+    path, _ = execute(tiny_config(tmp_path, "meta", "run", *first))
+    before = {p: p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()}
+    with pytest.raises(MetaclError, match=message):
+        execute(tiny_config(tmp_path, "meta", "run", *then), "extend")
+    assert {p: p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()} == before  # untouched
+
+
+def test_extend_needs_a_run_and_an_algorithm_whose_length_only_counts_steps(tmp_path, synthetic_pools):
+    with pytest.raises(MetaclError, match="not a run directory; start the run without --extend"):
+        execute(tiny_config(tmp_path, "meta", "absent", "eval_steps=[4, 6]"), "extend")
+    execute(tiny_config(tmp_path, "iid", "iid"))
+    with pytest.raises(ConfigError, match="'iid' cannot be extended: its length shapes the whole run"):
+        execute(tiny_config(tmp_path, "iid", "iid", "train.max_steps=8", "eval_steps=[4, 6]"), "extend")
 
 
 def test_eval_steps_run_the_meta_test_protocol_and_report_reads_the_run(tmp_path, synthetic_pools):

@@ -10,6 +10,12 @@ if TYPE_CHECKING:  # the run module imports torch, which `metacl --help` should 
     from .run import Mode
 
 
+EXTEND_HELP = (
+    "continue a finished (or stopped) run to a larger length given as overrides, e.g. "
+    "train.episodes=7000 (meta-training); it ends as a run of that length from the start would"
+)
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, config_help: str = "YAML config file") -> None:
     parser.add_argument("config", metavar="CONFIG", help=config_help)
     parser.add_argument(
@@ -26,6 +32,7 @@ def add_mode_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument(
         "--overwrite", action="store_true", help="delete an existing run directory of the same name first"
     )
+    mode.add_argument("--extend", action="store_true", help=EXTEND_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument(
         "--accept-data-change",
@@ -35,7 +42,7 @@ def add_mode_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_mode(args: argparse.Namespace) -> Mode:
-    return "resume" if args.resume else "overwrite" if args.overwrite else "new"
+    return "resume" if args.resume else "extend" if args.extend else "overwrite" if args.overwrite else "new"
 
 
 def launch(args: argparse.Namespace, experiment: str, config_path: str | None, overrides: list[str]) -> int:

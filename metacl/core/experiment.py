@@ -32,7 +32,7 @@ import torch
 
 from .config import ConfigError, Positive, apply_overrides, from_dict, read_yaml, to_dict
 from .device import resolve_device
-from .errors import DataError, RunDiverged, RunInterrupted
+from .errors import DataError, MetaclError, RunDiverged, RunInterrupted
 from .run import Mode, Run
 from .rundir import IDENTITY_FREE_KEYS, check_resume, check_run_name, is_run_directory, read_status
 from .seeding import seed_everything
@@ -73,6 +73,16 @@ class ExperimentConfig:
         """Rewrite a config written by an older metacl into today's layout (old run directories
         keep loading and resuming); experiments whose layout changed override this."""
         return data
+
+    def length_keys(self) -> tuple[str, ...]:
+        """Dotted keys that only say how long the run goes on, which `--extend` may raise; ()
+        when lengthening would change what the run already did (a schedule over its length)."""
+        return ()
+
+    def check_extension(self, stored: dict[str, Any]) -> None:
+        """Refuse (ConfigError) to extend the run whose stored config is `stored` to this one
+        unless the result equals an uninterrupted run of this config."""
+        raise ConfigError(f"{self.experiment} runs cannot be extended; start a new run with another name=")
 
 
 def experiment_module(name: str) -> ModuleType:
@@ -125,14 +135,17 @@ def execute(
 
     With mode="resume", a complete run returns its recorded metrics at once and an unfinished
     one continues from its last checkpoint: re-launching a sweep is therefore always safe. Either
-    way the stored config must match (`rundir.check_resume`).
+    way the stored config must match (`rundir.check_resume`). mode="extend" also accepts larger
+    `length_keys()` (more episodes): the run goes on from where it ended to the new length.
     """
     name = check_run_name(config.name)
     path = Path(config.out_dir) / name
-    if mode == "resume" and is_run_directory(path):
-        check_resume(path, config)
+    if mode == "extend" and not is_run_directory(path):
+        raise MetaclError(f"--extend: {path} is not a run directory; start the run without --extend")
+    if mode in ("resume", "extend") and is_run_directory(path):
+        lengthened = check_resume(path, config, extend=mode == "extend")
         status = read_status(path)
-        if status["status"] == "complete":
+        if status["status"] == "complete" and not lengthened:
             return path, status.get("final", {})
     if config.threads:
         torch.set_num_threads(config.threads)

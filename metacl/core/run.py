@@ -40,7 +40,7 @@ from .tracking import build_tracker
 __all__ = ["Mode", "Run", "Status"]
 
 Status = Literal["running", "interrupted", "failed", "diverged", "complete"]
-Mode = Literal["new", "resume", "overwrite"]
+Mode = Literal["new", "resume", "extend", "overwrite"]
 
 
 class Run:
@@ -101,10 +101,11 @@ class Run:
                 )
             if existing and mode == "overwrite":
                 clear_run_directory(path, out_dir)
-            resumed = bool(existing) and mode == "resume"
-            if resumed:
-                check_resume(path, config)
-            else:
+            resumed = bool(existing) and mode in ("resume", "extend")
+            lengthened = check_resume(path, config, extend=mode == "extend") if resumed else []
+            if lengthened:  # the run directory describes the longer run from now on
+                atomic.write_text(path / "config.yaml", to_yaml(config))
+            elif not resumed:
                 atomic.write_text(path / "config.yaml", to_yaml(config))
                 atomic.write_text(path / "env.json", json.dumps(environment(device), indent=2))
         except BaseException:
@@ -118,6 +119,8 @@ class Run:
         run.created = created
         if resumed:
             run.log.info("resuming on %s (pid %d, host %s)", device, *holder_record().values())
+        if lengthened:
+            run.log.info("extended: %s", "; ".join(lengthened))
         return run
 
     # ------------------------------------------------------------------------------ files

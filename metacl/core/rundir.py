@@ -178,9 +178,9 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(
-    stored: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None
+    stored: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None, free_keys: tuple[str, ...] = ()
 ) -> list[str]:
-    """'key: stored vs now' for every result-changing key whose value differs.
+    """'key: stored vs now' for every result-changing key (and not in `free_keys`) whose value differs.
 
     A key the stored config lacks is no difference when the new value is that key's default (a
     field added by a newer metacl: old run directories must still resume)."""
@@ -188,7 +188,7 @@ def config_differences(
     missing = object()
 
     def free(key: str) -> bool:
-        return any(key == k or key.startswith(k + ".") for k in RESULT_FREE_KEYS)
+        return any(key == k or key.startswith(k + ".") for k in (*RESULT_FREE_KEYS, *free_keys))
 
     differences = []
     for key in sorted(set(old) | set(now)):
@@ -202,9 +202,12 @@ def config_differences(
     return differences
 
 
-def check_resume(path: Path, config: Any) -> None:
+def check_resume(path: Path, config: Any, extend: bool = False) -> list[str]:
     """Refuse to resume `path` with a config of another experiment or with other results-changing
-    values: the run directory must keep describing what produced it."""
+    values: the run directory must keep describing what produced it.
+
+    With `extend`, the config's `length_keys()` may differ too, as far as its `check_extension`
+    allows; returns those differences (what the extension changes)."""
     import yaml
 
     from .config import to_dict
@@ -219,7 +222,10 @@ def check_resume(path: Path, config: Any) -> None:
             f"{stored.get('experiment')!r} run; choose another name="
         )
     cls = type(config)
-    differences = config_differences(cls.upgrade(stored), to_dict(config), to_dict(cls()))
+    stored, length_keys = cls.upgrade(stored), config.length_keys() if extend else ()
+    differences = config_differences(stored, to_dict(config), to_dict(cls()), free_keys=length_keys)
+    if extend and (not differences or not length_keys):  # no length keys: it explains why not
+        config.check_extension(stored)
     if differences:
         raise MetaclError(
             f"cannot resume {path} with a different config (a resumed run must be the "
@@ -227,3 +233,4 @@ def check_resume(path: Path, config: Any) -> None:
             + "\n  ".join(differences)
             + "\nresume without these overrides, or start a new run with another name="
         )
+    return config_differences(stored, to_dict(config), to_dict(cls())) if extend else []

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..core.commands import add_mode_arguments, add_run_arguments, launch
+from ..core.commands import EXTEND_HELP, add_mode_arguments, add_run_arguments, launch
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -66,6 +66,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     reproduce.add_argument(
         "--curve-classes", default="100,600", metavar="N,N", help="class counts of the learning curve (default 100,600)"
     )
+    reproduce.add_argument("--extend", action="store_true", help=EXTEND_HELP)
     reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
     reproduce.set_defaults(handler=_reproduce)
 
@@ -83,7 +84,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     rest = argparse.ArgumentParser(prog="metacl meta eval CHECKPOINT|RUN_DIR")
     rest.add_argument("overrides", nargs="*", metavar="key=value")
     _eval_options(rest)
-    defaults = {k: getattr(args, k) for k in ("config", "resume", "overwrite", "quiet", "accept_data_change")}
+    defaults = {k: getattr(args, k) for k in ("config", "resume", "extend", "overwrite", "quiet", "accept_data_change")}
     rest.set_defaults(**defaults)
     known = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "overrides"})
     args = rest.parse_intermixed_args(args.overrides, namespace=known)
@@ -113,6 +114,6 @@ def _reproduce(args: argparse.Namespace) -> int:
         raise ConfigError("--curve-runs must be >= 0 and --curve-classes positive")
     overrides = list(args.overrides) + (["quiet=true"] if args.quiet else [])
     config = load_experiment_config(args.config, overrides, "meta-train")
-    files = Reproduction(config, args.eval_config, args.eval, args.curve_runs, curve_classes).run()
+    files = Reproduction(config, args.eval_config, args.eval, args.curve_runs, curve_classes, args.extend).run()
     print("\n".join(f"{name}: {path}" for name, path in files.items()))
     return 0

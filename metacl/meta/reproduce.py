@@ -52,6 +52,7 @@ class Reproduction:
         eval_overrides: Sequence[str] = (),
         curve_runs: int = 3,
         curve_classes: Sequence[int] = CURVE_CLASSES,
+        extend: bool = False,
     ):
         self.train_config, self.eval_config, self.eval_overrides = train_config, eval_config, list(eval_overrides)
         self.out_dir, self.name = Path(train_config.out_dir), str(train_config.name)
@@ -59,13 +60,13 @@ class Reproduction:
         self.shared = [f"out_dir={json.dumps(str(self.out_dir))}", f"quiet={json.dumps(train_config.quiet)}"]
         if train_config.threads:
             self.shared.append(f"threads={train_config.threads}")
-        self.curve_runs, self.curve_classes = curve_runs, list(curve_classes)
+        self.curve_runs, self.curve_classes, self.extend = curve_runs, list(curve_classes), extend
         self.curve = [f"protocol.classes={json.dumps(self.curve_classes)}", f"protocol.runs={max(curve_runs, 1)}"]
         for extra in ([], self.curve):  # refuse bad meta-test settings now, not after hours of training
             load_experiment_config(eval_config, [*self.shared, *self.eval_overrides, *extra], "meta-eval")
 
     def train(self) -> Path:
-        mode = "resume" if is_run_directory(self.train_path) else "new"
+        mode = "extend" if self.extend else "resume" if is_run_directory(self.train_path) else "new"
         return execute(self.train_config, mode)[0]
 
     def meta_test(self, model: Path, run_name: str, extra: Sequence[str] = ()) -> Path:
@@ -80,8 +81,13 @@ class Reproduction:
             check_same_model(path, model)
         return execute(config, "resume" if is_run_directory(path) else "new")[0]
 
-    def final_meta_test(self) -> Path:
-        return self.meta_test(self.train_path / "model.pt", f"{self.name}-meta-test")
+    def final_meta_test(self, last: int) -> Path:
+        """`<name>-meta-test`, or `<name>-meta-test-<last>` when that one meta-tested an earlier
+        end of this run (before --extend): it stays as it was, beside the new one."""
+        name = f"{self.name}-meta-test"
+        if tested_earlier_model(self.out_dir / name, self.train_path, last):
+            name = f"{name}-{last}"
+        return self.meta_test(self.train_path / "model.pt", name)
 
     def curve_meta_test(self, step: int, model: Path) -> Path:
         return self.meta_test(model, f"{self.name}-curve-{step}", self.curve)
@@ -92,11 +98,11 @@ class Reproduction:
         The last saved step is the final model: its curve point is the final meta-test's."""
         self.train()
         echo(f"meta-test of the final model ({self.train_path / 'model.pt'})")
-        final = self.final_meta_test()
         time = training_time(self.train_path)
+        last = int(time["step"].iloc[-1])
+        final = self.final_meta_test(last)
         curve_tests = []
         if self.curve_runs:
-            last = int(time["step"].iloc[-1])
             for step, model in saved_models(self.train_path):
                 if step != last:
                     echo(f"learning curve: meta-test of {model}")
@@ -116,14 +122,28 @@ class Reproduction:
         return files
 
 
+def tested_model(eval_run: Path) -> dict | None:
+    """The fingerprint of the model meta-eval run `eval_run` tested (None: none recorded)."""
+    try:
+        return json.loads((eval_run / "data.json").read_text())
+    except (OSError, ValueError):
+        return None  # absent, or a meta-test from before metacl recorded its model
+
+
+def tested_earlier_model(eval_run: Path, train_path: Path, last: int) -> bool:
+    """Whether `eval_run` meta-tested this run's model at a step before `last`, its end before
+    an --extend."""
+    stored = tested_model(eval_run)
+    return stored is not None and any(
+        step < last and stored == checkpoint_fingerprint(model) for step, model in saved_models(train_path)
+    )
+
+
 def check_same_model(eval_run: Path, model: Path) -> None:
     """Refuse to reuse a meta-test of another model saved under the same name (a meta-training
     started again with --overwrite, say): its results would be reported as this model's."""
-    try:
-        stored = json.loads((eval_run / "data.json").read_text())
-    except (OSError, ValueError):
-        return  # a meta-test from before metacl recorded its model
-    if stored != checkpoint_fingerprint(model):
+    stored = tested_model(eval_run)
+    if stored is not None and stored != checkpoint_fingerprint(model):
         raise ConfigError(
             f"{eval_run} meta-tested a different model than {model} holds now (data.json); "
             f"move it away to meta-test this one, or reproduce under another name="

@@ -126,6 +126,40 @@ class Config(ExperimentConfig):
             data["train"] = legacy
         return data
 
+    def length_keys(self) -> tuple[str, ...]:
+        field = getattr(algorithm_class(self.algorithm), "length_field", None)
+        return () if field is None else (f"train.{field}", "eval_steps")
+
+    def check_extension(self, stored: dict[str, Any]) -> None:
+        """A longer run is the same run up to its old end when the algorithm's length only counts
+        steps, the old end lies on the log (and eval) grid, and no eval step before it changes."""
+        field = getattr(algorithm_class(self.algorithm), "length_field", None)
+        if field is None:
+            raise ConfigError(
+                f"algorithm {self.algorithm!r} cannot be extended: its length shapes the whole run "
+                f"(a schedule over it); start a new run with another name="
+            )
+        key, before, after = f"train.{field}", int(stored["train"][field]), int(getattr(self.train, field))
+        if after < before:
+            raise ConfigError(f"{key}: {after} is shorter than the run's {before}; --extend only lengthens a run")
+        for name, every in (("log_every", self.log_every), ("eval.every", self.eval.every)):
+            if after > before and every and before % every:
+                raise ConfigError(
+                    f"{key}: the run ended at step {before}, which is not a multiple of {name}={every}: "
+                    f"its tables hold a row there that a run of {after} steps would not; start a new run"
+                )
+        done = sorted(s for s in stored.get("eval_steps") or [] if s <= before)
+        now = sorted(s for s in self.eval_steps if s < before)
+        if now != [s for s in done if s < before]:
+            raise ConfigError(
+                f"eval_steps: an extension may only add steps from {before} on (the run's end) to the stored {done}"
+            )
+        if after > before and before not in self.eval_steps:
+            raise ConfigError(
+                f"eval_steps: add {before} (the run's end) so that its final model is kept as "
+                f"models/step-{before}.pt; model.pt will hold the model at step {after}"
+            )
+
     def __post_init__(self) -> None:
         settings = algorithm_class(self.algorithm).Config
         if not isinstance(self.train, settings):

@@ -64,6 +64,8 @@ class TrainingLoop:
         started, cpu_started = time.perf_counter(), time.process_time()
         bar = progress(total=total, initial=self.step, desc=config.algorithm, quiet=config.quiet, unit="step")
         try:
+            if self.step in config.eval_steps and not self.saved(self.step):
+                self.at_eval_step(self.step)  # a run extended from here: what a longer run did here
             while self.step < total:
                 metrics = self.algorithm.step(self.step)
                 loss = metrics.get("meta_loss", metrics.get("loss"))
@@ -86,9 +88,7 @@ class TrainingLoop:
                 if config.eval.every and (step % config.eval.every == 0 or step == total):
                     self.evaluate(step)
                 if step in config.eval_steps:
-                    self.save_model(run.path / "models" / f"step-{step}.pt", step)
-                    self.meta_test(step)
-                    self.checkpoint(f"step-{step}")
+                    self.at_eval_step(step)
                 if step % config.checkpoint_every == 0 or step == total or run.stop_requested:
                     self.checkpoint()
                     if run.stop_requested and step < total:
@@ -98,6 +98,14 @@ class TrainingLoop:
         self.save_model(run.path / "model.pt", self.step)
         run.flush()
         return self.final_metrics()
+
+    def saved(self, step: int) -> bool:
+        return (self.run.path / "models" / f"step-{step}.pt").exists()
+
+    def at_eval_step(self, step: int) -> None:
+        self.save_model(self.run.path / "models" / f"step-{step}.pt", step)
+        self.meta_test(step)
+        self.checkpoint(f"step-{step}")
 
     def final_metrics(self) -> dict[str, float]:
         final = self.run.table("train").frame().iloc[-1].to_dict()

@@ -13,6 +13,9 @@ module imported before the config is loaded (a test's toy algorithm). It has
                            whose states the training loop checkpoints; `augment` maps a batch of
                            images to its augmented copy (the identity unless data.augment)
     steps                  how many `step()` calls make the run
+    length_field           (optional) the Config field that only sets `steps` (`--extend` may raise it:
+                           the first steps do not depend on it), or None when the length shapes
+                           the run (a schedule over it)
     step(step) -> dict     draw its own episode or batch, update the model, return scalar metrics
                            (a `meta_loss` or `loss` key is checked for divergence)
     trial_params, trial_lr what the periodic continual trial adapts, and at which SGD rate

@@ -56,6 +56,7 @@ class EpisodicAlgorithm:
     """One episode per `step`: zap, the algorithm's outer loss, Adam on the outer parameters."""
 
     Config = EpisodeConfig
+    length_field = "episodes"  # each episode's draw comes from the sample stream, whatever the total
 
     def __init__(
         self,

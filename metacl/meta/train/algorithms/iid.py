@@ -63,6 +63,7 @@ class IID:
     """Minibatches drawn without replacement from every training image, epoch after epoch."""
 
     Config = IIDConfig
+    length_field = None  # the learning-rate schedule runs over max_steps
 
     def __init__(
         self,
