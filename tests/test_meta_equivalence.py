@@ -125,12 +125,11 @@ class Setup:
 def resolve(case: Case) -> Setup:
     config = load_experiment_config(ROOT / "configs" / "meta" / case.config)
     overrides = {k: v for k, v in case.train.items() if k != "algorithm"}
-    train = dataclasses.replace(config.train, **overrides)
+    algorithm = case.train.get("algorithm", config.algorithm)
+    train = algorithm_class(algorithm).Config(**{**dataclasses.asdict(config.train), **overrides})
     assert train.max_grad_norm == 0  # no clipping: .grad is the raw meta-gradient
     spec = {**config.model, **case.model}
-    return Setup(
-        case.train.get("algorithm", config.algorithm), spec, train, spec.get("image_size", config.data.image_size)
-    )
+    return Setup(algorithm, spec, train, spec.get("image_size", config.data.image_size))
 
 
 def image_pool(setup: Setup, case: Case, seed: int = 0) -> torch.Tensor:
