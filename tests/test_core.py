@@ -11,6 +11,7 @@ import torch
 from metacl.cli import main
 from metacl.core.atomic import atomic_open
 from metacl.core.config import ConfigError, describe, from_dict, load_config
+from metacl.core.denormals import denormals_flushed, flushing
 from metacl.core.device import resolve_device
 from metacl.core.experiment import execute, load_experiment_config
 from metacl.core.seeding import derive_seed, torch_generator
@@ -112,6 +113,26 @@ def test_device_resolution_and_errors():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_denormals_flush_on_every_thread_inside_the_block_only():
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tiny = torch.full((4_000_000,), 1e-39)  # denormal; big enough to be split across threads
+        assert (tiny * 1.0 != 0).all() and not flushing()
+        with denormals_flushed("cpu"):
+            assert (tiny * 1.0 == 0).all() and flushing()
+        assert (tiny * 1.0 != 0).all() and not flushing()
+        torch.set_flush_denormal(True)  # a caller who flushes already keeps flushing afterwards
+        with denormals_flushed("cpu"):
+            pass
+        assert flushing()
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
 
 
 def _toy(tmp_path, *overrides):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from dataclasses import replace
@@ -207,6 +208,24 @@ def test_trajectory_groups_give_the_all_at_once_result(eval_method):
         assert_accuracies_agree(getattr(single, name), getattr(together, name))
     with pytest.raises(ConfigError, match="trajectory_group"):
         protocol(trajectory_group=-1)
+
+
+def test_flushing_denormals_leaves_a_saturated_sweep_unchanged(monkeypatch):
+    """The sweep flushes denormals for speed; at learning rates that saturate the softmax (where
+    the Adam moments go denormal) the weights and accuracies stay those of exact arithmetic."""
+    images, model = class_images(), Tiny()
+    config = protocol(lrs=[1.0, 0.3], runs=2)
+    flushed = LRSweep(model, images, config, seed=3).run(20, return_weights=True)
+    monkeypatch.setattr(sweep_module, "denormals_flushed", lambda _device: contextlib.nullcontext())
+    exact = LRSweep(model, images, config, seed=3).run(20, return_weights=True)
+    weights = exact.weights[:, : 40 * 144].view(4, 40, 144)
+    features = model.encode(images[:20].flatten(0, 1)).detach()
+    logits = torch.einsum("tod,nd->tno", weights, features)
+    gaps = logits.max(2).values - logits.min(2).values
+    assert gaps.median() > 100, "the softmax must saturate (probabilities below 1e-38) for this test to mean anything"
+    torch.testing.assert_close(flushed.weights, exact.weights, rtol=1e-6, atol=1e-7)
+    for name in ("train_acc", "test_acc"):
+        assert_accuracies_agree(getattr(flushed, name), getattr(exact, name))
 
 
 def test_trajectories_name_each_lr_and_run_and_a_subset_learns_as_in_the_whole_sweep():

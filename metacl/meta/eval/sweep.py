@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ...core.denormals import denormals_flushed
 from ...core.errors import ConfigError
 from ...core.progress import progress
 from ...models import select_parameters
@@ -140,12 +141,13 @@ class LRSweep:
             quiet=self.quiet or not schedule.examples_seen,
             unit="step",
         )
-        for where, group in trajectories.groups(engine.group_size(trajectories.count)):
-            measured, learned = engine.run(group, tasks, schedule, starts, bar.update)
-            for kind, values in measured.items():
-                accuracies[kind][:, where] = values
-            if return_weights:
-                weights.append(engine.flatten(learned))
+        with denormals_flushed(self.device):  # saturated softmaxes make denormal Adam moments, slow on CPUs
+            for where, group in trajectories.groups(engine.group_size(trajectories.count)):
+                measured, learned = engine.run(group, tasks, schedule, starts, bar.update)
+                for kind, values in measured.items():
+                    accuracies[kind][:, where] = values
+                if return_weights:
+                    weights.append(engine.flatten(learned))
         bar.close()
         results = {}
         for classes in counts:
