@@ -218,7 +218,8 @@ def test_flushing_denormals_leaves_a_saturated_sweep_unchanged(monkeypatch):
     flushed = LRSweep(model, images, config, seed=3).run(20, return_weights=True)
     monkeypatch.setattr(sweep_module, "denormals_flushed", lambda _device: contextlib.nullcontext())
     exact = LRSweep(model, images, config, seed=3).run(20, return_weights=True)
-    weights = exact.weights[:, : 40 * 144].view(4, 40, 144)
+    outputs, inputs = model.fc.weight.shape
+    weights = exact.weights[:, : outputs * inputs].view(-1, outputs, inputs)
     features = model.encode(images[:20].flatten(0, 1)).detach()
     logits = torch.einsum("tod,nd->tno", weights, features)
     gaps = logits.max(2).values - logits.min(2).values

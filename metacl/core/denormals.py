@@ -7,9 +7,9 @@ the frozen meta-test's fused Adam step 5-12x slower, the validation sweep 2x slo
 Treating them as zero changes values only below 1e-38, far under the rounding of every weight
 (a weight near 0.01 moves in steps of 1e-9), so the meta-test's results stay those of exact Adam.
 
-`torch.set_flush_denormal` sets the flag on the calling thread only, and OpenMP's worker threads
-(which run every parallel kernel, compiled ones included) keep their own; so the flag is also set
-inside one OpenMP parallel region of torch's team size, which reaches those threads.
+`torch.set_flush_denormal` is only sure to set the flag of the calling thread; OpenMP's worker
+threads (which run every parallel kernel, compiled ones included) each hold their own, so the flag
+is also set inside one OpenMP parallel region of torch's team size, which reaches those threads.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import ctypes
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 
 import torch
 
@@ -59,8 +60,10 @@ def denormals_flushed(device: torch.device | str = "cpu") -> Iterator[None]:
             set_on_all_threads(False)
 
 
+@cache
 def _gomp_parallel():
-    """`GOMP_parallel(fn, data, num_threads, flags)` of the OpenMP runtime loaded in this process, or None."""
+    """`GOMP_parallel(fn, data, num_threads, flags)` of the OpenMP runtime loaded in this process, or
+    None; looked up once (torch loads its runtime at import, before this module runs)."""
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "/" in line}
