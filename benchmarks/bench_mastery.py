@@ -3,7 +3,7 @@
 metacl keeps the whole uint8 dataset on the device, builds each 1,500-trial batch by tensor
 indexing, runs the model in channels_last memory order and, on CPU, tunes glibc malloc so that a
 batch's gigabytes of activations are reused instead of page-faulted in again
-(metacl/mastery/allocator.py); the reference read every trial from HDF5 through a torch
+(metacl/core/allocator.py); the reference read every trial from HDF5 through a torch
 DataLoader and ran NCHW. This script times both on the same hardware and the same model (the
 paper's 3.15M-parameter cnn-mlp at 120x160), timing a few batches and extrapolating to a
 45,000-trial epoch plus its test pass.
@@ -35,9 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from metacl.core import allocator
 from metacl.core.device import resolve_device
 from metacl.core.environment import hardware_summary
-from metacl.mastery import allocator
 from metacl.mastery.data import to_device
 from metacl.mastery.experiment import evaluate
 from metacl.models import build_model

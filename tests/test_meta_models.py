@@ -8,7 +8,7 @@ from torch import nn
 
 from metacl.core.errors import ConfigError
 from metacl.models import build_model, load_model, model_spec, save_model, select_parameters
-from metacl.models.convnet import InstanceNorm
+from metacl.models.convnet import Conv2d, InstanceNorm, MaxPool2d
 
 
 def count(model: nn.Module) -> int:
@@ -136,6 +136,72 @@ def test_instance_norm_matches_torch():
     reference.load_state_dict(norm.state_dict())
     x = torch.randn(3, 6, 9, 9)
     assert torch.allclose(norm(x), reference(x), atol=1e-5)
+
+
+def first_and_second_derivatives(layer, x: torch.Tensor, seed: int = 0):
+    """The layer's output, its gradient at x for a random upstream, and the gradients of a random
+    function of that gradient with respect to x and the upstream (a double backward)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = x.detach().clone().requires_grad_()
+    out = layer(x)
+    upstream = torch.randn(out.shape, generator=generator, dtype=x.dtype).requires_grad_()
+    (grad,) = torch.autograd.grad(out, x, upstream, create_graph=True)
+    probe = torch.randn(grad.shape, generator=generator, dtype=x.dtype)
+    second = torch.autograd.grad((grad * probe).sum() + (grad * x).sum(), [x, upstream], allow_unused=True)
+    return [out, grad, *(torch.zeros(()) if g is None else g for g in second)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 3, 26, 26), (1, 4, 11, 11), (3, 2, 5, 5)])
+def test_gathering_max_pool_is_the_native_pool_to_the_bit_ties_included(shape, dtype):
+    """Values, gradients and second derivatives bitwise equal to nn.MaxPool2d's, on random inputs
+    and on inputs of three levels (most windows tie: the first maximum must win, as natively)."""
+    generator = torch.Generator().manual_seed(1)
+    for x in (torch.randn(shape, generator=generator), torch.randint(0, 3, shape, generator=generator)):
+        x = x.to(dtype)
+        assert MaxPool2d(2)._gathers(x)  # the gathering path, not a fallback
+        ours = first_and_second_derivatives(MaxPool2d(2), x)
+        native = first_and_second_derivatives(nn.MaxPool2d(2), x)
+        for a, b in zip(ours, native):
+            assert torch.equal(a, b)
+
+
+def test_gathering_max_pool_under_vmap_and_other_windows():
+    x = torch.randint(0, 3, (4, 2, 3, 11, 11), generator=torch.Generator().manual_seed(2)).double()
+
+    def loss(pool):
+        return lambda x: (pool(x) ** 2).sum()
+
+    ours = torch.func.vmap(torch.func.grad(loss(MaxPool2d(2))))(x)
+    assert torch.equal(ours, torch.func.vmap(torch.func.grad(loss(nn.MaxPool2d(2))))(x))
+    for settings in ({"kernel_size": 3, "stride": 1}, {"kernel_size": 2, "padding": 1}, {"kernel_size": 3}):
+        assert torch.equal(MaxPool2d(**settings)(x[0]), nn.MaxPool2d(**settings)(x[0]))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"in_channels": 1, "out_channels": 5, "kernel_size": 3},
+        {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "bias": False},
+        {"in_channels": 3, "out_channels": 2, "kernel_size": 3, "stride": 2, "padding": 1},
+        {"in_channels": 2, "out_channels": 3, "kernel_size": (3, 2), "dilation": 2, "padding": (2, 0)},
+    ],
+)
+def test_batch_one_convolution_computes_the_native_convolution(settings):
+    """At batch 1 on CPU, Conv2d multiplies unfolded patches: the same values and first and
+    second derivatives as nn.Conv2d (float64, to rounding); other batches run the native kernel."""
+    torch.manual_seed(0)
+    ours = Conv2d(**settings).double()
+    native = nn.Conv2d(**settings).double()
+    native.load_state_dict(ours.state_dict())
+    x = torch.randn(1, settings["in_channels"], 9, 10, dtype=torch.float64)
+    for a, b in zip(first_and_second_derivatives(ours, x), first_and_second_derivatives(native, x)):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    (weight_grad,) = torch.autograd.grad(ours(x).square().sum(), ours.weight)
+    (native_grad,) = torch.autograd.grad(native(x).square().sum(), native.weight)
+    assert torch.allclose(weight_grad, native_grad, rtol=1e-10, atol=1e-12)
+    batch = torch.randn(3, settings["in_channels"], 9, 10, dtype=torch.float64)
+    assert torch.equal(ours(batch), native(batch))
 
 
 def test_select_parameters_by_prefix():

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import metacl.meta.train.experiment as meta_experiment
+from metacl.core.allocator import MallocTuning
 from metacl.core.errors import ConfigError, MetaclError, RunInterrupted
 from metacl.core.experiment import execute, load_experiment_config
 from metacl.meta.train.algorithms import algorithm_class, available_algorithms, register_algorithm
@@ -157,6 +158,45 @@ def test_meta_gradient_is_second_order_and_matches_finite_differences():
     for name in ("rln.0.0.weight", "nm.2.weight"):
         difference = (second[name] - first[name]).norm() / second[name].norm()
         assert difference > 0.05, name  # the first-order approximation is measurably different
+
+
+@pytest.mark.parametrize("create_graph", [True, False])
+@pytest.mark.parametrize(("inner_prefixes", "batch_size", "cycles"), [(["rln", "fc"], 1, 1), (["all"], 2, 2)])
+def test_low_rank_head_is_the_materialised_fast_weights(create_graph, inner_prefixes, batch_size, cycles):
+    """Carrying the adapted fc as W_0 - lr * G^T Z gives the fast weights, meta-loss and
+    meta-gradient of writing W_k at every step (float64, to rounding), second and first order."""
+    model = tiny_model(dtype=torch.float64)
+    params = dict(model.named_parameters())
+    inner = list(select_parameters(model, inner_prefixes))
+    sampler = EpisodeSampler(
+        pool(dtype=torch.float64),
+        torch.Generator().manual_seed(5),
+        num_batches=3,
+        batch_size=batch_size,
+        remember_size=4,
+    )
+    episode = sampler.sample()
+    results = []
+    for low_rank in (True, False):
+        fmodel = FunctionalModel(model, inner)
+        assert fmodel.low_rank_head
+        fmodel.low_rank_head = low_rank
+        loss, logits, _ = meta_loss(fmodel, params, inner, episode, 0.3, cycles, create_graph=create_graph)
+        grads = torch.autograd.grad(loss, list(params.values()))
+        results.append([loss, logits, *grads])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert float(results[0][2].abs().max()) > 0  # the head's meta-gradient is not trivially zero
+
+
+def test_low_rank_head_only_where_fc_reads_the_encoder():
+    model = tiny_model()
+    assert FunctionalModel(model, ["fc.weight", "fc.bias"]).low_rank_head
+    assert not FunctionalModel(model, ["rln.0.0.weight"]).low_rank_head  # fc not adapted
+    oml = build_model(
+        {"name": "oml", "image_size": 22, "channels": 4, "strides": [1, 2, 1, 2], "hidden": 8, "num_classes": 8}
+    )
+    assert not FunctionalModel(oml, ["fc1.weight", "fc.weight"]).low_rank_head  # a layer between
 
 
 def test_shared_encoder_and_mask_paths_give_identical_meta_gradients():
@@ -332,6 +372,15 @@ def tiny_config(tmp_path, algorithm, name, *extra):
         ],
         "meta-train",
     )
+
+
+def test_a_cpu_meta_training_tunes_the_allocator(tmp_path, synthetic_pools, monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        meta_experiment, "tune_malloc", lambda: calls.append(1) or MallocTuning("tuned", "tuned (test)")
+    )
+    path, _ = execute(tiny_config(tmp_path, "meta", "run"))
+    assert calls == [1] and "allocator: tuned (test)" in (path / "log.txt").read_text()
 
 
 @pytest.mark.parametrize("algorithm", ["meta", "sequential_episodic", "iid"])

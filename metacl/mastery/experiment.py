@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import torch
 
+from ..core.allocator import tune_malloc
 from ..core.errors import ConfigError, RunInterrupted
 from ..core.run import tensor_digest
 from ..core.seeding import generator_state, set_generator_state, torch_generator
 from . import data as scene_data
-from .allocator import tune_malloc
 from .config import Config
 from .epochs import draw_all_pairs, draw_epoch, episode_counts
 from .forgetting import Forgetting

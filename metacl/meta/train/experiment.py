@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 
+from ...core.allocator import tune_malloc
 from ...core.config import NonNegative, Positive, PositiveFloat, Range, from_dict, to_dict
 from ...core.errors import ConfigError
 from ...core.experiment import ExperimentConfig
@@ -268,6 +269,8 @@ def run(config: Config, run) -> dict:
             "content": tensor_digest(train_images, *(() if val_images is None else (val_images,))),
         }
     )
+    if device.type == "cpu":  # after loading: the data's own temporaries go back to the OS
+        run.log.info("allocator: %s", tune_malloc().detail)
     model = build(config, train_images.shape[0], device)
     check_input(model, train_images)
     streams = {name: torch_generator(config.seed, name) for name in ("sample", "zap", "eval", "augment")}

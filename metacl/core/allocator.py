@@ -1,31 +1,34 @@
-"""Keep glibc malloc from handing big CPU tensors back to the kernel after every batch.
+"""Keep glibc malloc from handing big CPU tensors back to the kernel after every step.
 
-A CPU training step of the paper's model allocates and frees gigabytes of activations per batch.
-glibc serves every block over its mmap threshold (at most 32 MiB by default) with a fresh mmap
-and munmaps it on free, and trims the heap top back to the kernel, so each batch page-faults
-all of its activations in again: kernel time about equals the wall time of a step. Setting the
-environment MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736
-MALLOC_TOP_PAD_=1073741824 made a batch ~2.7x faster; `tune_malloc` gets the same behaviour from
-inside the process with mallopt(3):
+A CPU training step allocates and frees large activations: a mastery batch gigabytes of them,
+an ANML meta-batch 58 MB per first-layer tensor. glibc serves every block over its mmap
+threshold (at most 32 MiB by default) with a fresh mmap and munmaps it on free, and trims the
+heap top back to the kernel, so each step page-faults all of them in again. Measured: a mastery
+batch's kernel time about equalled its wall time (tuned, ~2.7x faster); an ANML episode took
+~120,000 page faults and 0.25 s of kernel time, a quarter of its wall clock (tuned: none, the
+episode ~20% faster). Setting the environment MALLOC_MMAP_THRESHOLD_=4294967296
+MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=1073741824 has that effect; `tune_malloc`
+gets the same behaviour from inside the process with mallopt(3):
 
     M_TRIM_THRESHOLD  -1 (SIZE_MAX): never trim the heap top (mallopt(3) documents -1 as off)
     M_TOP_PAD         1 GiB: grow the heap in large steps
     M_MMAP_THRESHOLD  -1 (SIZE_MAX): serve every size from the heap, so a freed block is reused
-                      by the next batch instead of being unmapped. mallopt takes an int, so the
+                      by the next step instead of being unmapped. mallopt takes an int, so the
                       environment's 4 GiB cannot be passed; SIZE_MAX covers every size. glibc
                       builds that cap the threshold at HEAP_MAX_SIZE / 2 (32 MiB) refuse it; then
                       M_MMAP_MAX = 0 (no mmap from the main arena) does the same job.
 
-What took effect is checked, not assumed: a 64 MiB probe block (over glibc's 32 MiB cap) must
-come from the heap, as `mallinfo2`'s count of mmapped blocks shows. The cost is memory: the
+Results do not change, only where the bytes live. What took effect is checked, not assumed: a
+64 MiB probe block (over glibc's 32 MiB cap) must come from the heap, as `mallinfo2`'s count of
+mmapped blocks shows. The cost is memory: the
 process keeps its peak heap (freed blocks stay mapped for reuse) instead of returning it.
 
 Set METACL_MALLOC_TUNING=0 (or false, no, off) to keep glibc's defaults. The setting is
 process-wide and cannot be undone cleanly (memory already in the heap stays there), so it is
-applied once, when a mastery run on the CPU has loaded its data and before it builds its model
-(and by benchmarks/bench_mastery.py); later runs in the same process find it in place. A run on
-a GPU leaves the allocator alone: its activations live in the device's caching allocator. On
-other C libraries it does nothing.
+applied once, when a mastery run or a meta-training on the CPU has loaded its data and before it
+builds its model (and by the benchmarks that time them); later runs in the same process find it
+in place. A run on a GPU leaves the allocator alone: its activations live in the device's caching
+allocator. On other C libraries it does nothing.
 """
 
 from __future__ import annotations
