@@ -23,7 +23,7 @@ their ratio; the project's target is metacl at least 8x the reference's speed on
 The reference is timed twice. First as its users run it: higherANML's layers (nn.InstanceNorm2d,
 ReLU, then the native max-pool; `with_reference_layers`) and, on CPU, glibc's default allocator.
 Then the design alone: metacl's layers (the same function through faster kernels) and metacl's
-allocator setting. On CPU, metacl's meta-training tunes glibc malloc so that an episode's large
+CPU settings (its allocator, denormals flushed while it trains). On CPU, metacl's meta-training tunes glibc malloc so that an episode's large
 activations are reused instead of page-faulted in afresh (metacl/core/allocator.py); the setting
 is process-wide and cannot be undone, so the order is: the reference as its users run it, then
 metacl as `metacl meta train` runs it (tuned), then the reference design alone. Both ratios are
@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from metacl.core.allocator import tune_malloc
+from metacl.core.denormals import denormals_flushed
 from metacl.core.device import resolve_device
 from metacl.core.environment import hardware_summary
 from metacl.meta.train.algorithms import algorithm_class
@@ -246,7 +247,7 @@ def main() -> None:
     trainer = algorithm_class(args.algorithm)(
         model,
         images,
-        EpisodeConfig(inner_params=inner_prefixes, outer_params=["all"]),
+        algorithm_class(args.algorithm).Config(inner_params=inner_prefixes, outer_params=["all"]),
         {"sample": generator, "zap": generator},
     )
 
@@ -288,7 +289,8 @@ def main() -> None:
     print(f"allocator: {allocator}", flush=True)
 
     def episode() -> None:
-        trainer.step(0)
+        with denormals_flushed(device):  # as metacl meta train runs its steps
+            trainer.step(0)
         sync(device)
 
     for _ in range(args.warmup):
@@ -333,8 +335,9 @@ def main() -> None:
         print(reference_note)
         return
     trainer = model = None  # free metacl's optimiser state before the reference runs
-    allocator_used = f", {'tuned' if tune else 'default'} allocator" if device.type == "cpu" else ""
-    time_the_reference(f"metacl's layers{allocator_used}: the design alone", reference_model)
+    settings = f", {'tuned' if tune else 'default'} allocator, denormals flushed" if device.type == "cpu" else ""
+    with denormals_flushed(device):
+        time_the_reference(f"metacl's layers{settings}: the design alone", reference_model)
     for label, reference in reference_runs:
         reference_median = statistics.median(reference)
         print(

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import metacl.meta.train.experiment as meta_experiment
 from metacl.core.allocator import MallocTuning
+from metacl.core.denormals import flushing
 from metacl.core.errors import ConfigError, MetaclError, RunInterrupted
 from metacl.core.experiment import execute, load_experiment_config
 from metacl.meta.train.algorithms import algorithm_class, available_algorithms, register_algorithm
@@ -372,6 +373,20 @@ def tiny_config(tmp_path, algorithm, name, *extra):
         ],
         "meta-train",
     )
+
+
+def test_meta_training_flushes_denormals_while_it_steps_only(tmp_path, synthetic_pools, monkeypatch):
+    trainer_class = algorithm_class("meta")
+    real_step, seen = trainer_class.step, []
+
+    def step(self, *args):
+        seen.append(flushing())
+        return real_step(self, *args)
+
+    monkeypatch.setattr(trainer_class, "step", step)
+    assert not flushing()
+    execute(tiny_config(tmp_path, "meta", "run"))
+    assert seen and all(seen) and not flushing()
 
 
 def test_a_cpu_meta_training_tunes_the_allocator(tmp_path, synthetic_pools, monkeypatch):
