@@ -31,12 +31,19 @@ printed with the load average, since the machine may be shared.
 Unfrozen: ms per step of every parameter of a (random) ANML learning, for T trajectories under
 vmap and, as the reference does it, one trajectory with torch.optim.Adam, both in this run.
 
+Saturated (--saturate S): the frozen sweep on features scaled by S (30 saturates the softmax at
+the high learning rates, as a trained encoder's features do in the validation sweep), timed with
+denormals flushed, as metacl runs the sweep, and without, alternating: on x86 the saturated
+softmax's gradients make Adam's second moments denormal, which the fused step computes many times
+slower. The plain sweep (random features in [0, 1)) never saturates and cannot show this.
+
 Every figure printed is measured in this run; the first line names the hardware.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -78,6 +85,37 @@ class Features(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encode(x))
+
+
+def saturated(args: argparse.Namespace, device: torch.device, floor_ns: float | None) -> None:
+    """The frozen sweep on saturating features, with and without the denormal flush (alternating)."""
+    from metacl.meta.eval import sweep as sweep_module
+
+    flushed = sweep_module.denormals_flushed
+    protocol = ProtocolConfig(classes=[600], lrs=list(REFERENCE_LRS), runs=args.trajectories // len(REFERENCE_LRS))
+    images = torch.rand(659, 20, args.features, device=device) * args.saturate
+    classes = max(1, args.steps // 15)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for flush in (True, False) * 2:
+        sweep_module.denormals_flushed = flushed if flush else (lambda _device: contextlib.nullcontext())
+        try:
+            sweep = LRSweep(Features(args.features, args.outputs).to(device), images, protocol, seed=0)
+            sweep.run(1)  # warm-up, and the first class saturates the high learning rates
+            start = time.perf_counter()
+            sweep.run(classes)
+            sync(device)
+            times[flush].append((time.perf_counter() - start) / (classes * 15))
+        finally:
+            sweep_module.denormals_flushed = flushed
+    params = protocol.runs * len(REFERENCE_LRS) * args.outputs * (args.features + 1)
+    ns = {flush: statistics.median(t) / params * 1e9 for flush, t in times.items()}
+    print(
+        f"saturated frozen sweep (features x {args.saturate:g}), {classes * 15} steps, alternating, "
+        f"load average {load()}: denormals flushed (as metacl runs it) {ns[True]:.2f} ns per update, "
+        f"not flushed {ns[False]:.2f} ns per update = {ns[False] / ns[True]:.1f}x slower"
+    )
+    if floor_ns:
+        print(f"  flushed: {ns[True] / floor_ns:.1f}x the floor; not flushed: {ns[False] / floor_ns:.1f}x")
 
 
 def sync(device: torch.device) -> None:
@@ -412,6 +450,12 @@ def main() -> None:
         help="parameter updates per group measurement (steps = this / group parameters)",
     )
     parser.add_argument("--eager", action="store_true", help="no torch.compile fusion")
+    parser.add_argument(
+        "--saturate",
+        type=float,
+        default=0.0,
+        help="also time the sweep on features scaled by this (30 saturates), denormals flushed and not",
+    )
     parser.add_argument("--unfrozen-trajectories", type=int, default=4)
     parser.add_argument("--skip-unfrozen", action="store_true")
     parser.add_argument("--skip-frozen", action="store_true")
@@ -435,6 +479,8 @@ def main() -> None:
         if args.groups:
             groups(args, device, floor)
         ours = None if args.skip_frozen else frozen(args, device, floor_ns)
+        if args.saturate and device.type == "cpu":
+            saturated(args, device, floor_ns)
         after = floor.run() if floor and ours else None
         if after and ours:  # the machine may have changed speed while the sweep was timed
             print(
