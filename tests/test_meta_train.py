@@ -23,7 +23,15 @@ from metacl.meta.train.algorithms.iid import lr_factor
 from metacl.meta.train.algorithms.meta import Meta
 from metacl.meta.train.algorithms.sequential_episodic import SequentialEpisodic
 from metacl.meta.train.episodes import EpisodeSampler
-from metacl.meta.train.functional import FunctionalModel, continual_trial, meta_loss, zap_rows
+from metacl.meta.train.functional import (
+    FunctionalModel,
+    _GatherWeightGradient,
+    _ProductWithStashedGradient,
+    _WeightGradient,
+    continual_trial,
+    meta_loss,
+    zap_rows,
+)
 from metacl.models import build_model, load_model, select_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,6 +196,22 @@ def test_low_rank_head_is_the_materialised_fast_weights(create_graph, inner_pref
     for a, b in zip(*results):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
     assert float(results[0][2].abs().max()) > 0  # the head's meta-gradient is not trivially zero
+
+
+def test_stashed_weight_gradient_is_gathered_after_every_use():
+    """A weight used only through stashing products still gets its whole gradient, summed once."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(5, 3, dtype=torch.float64, generator=generator).requires_grad_()
+    x = torch.randn(2, 3, dtype=torch.float64, generator=generator)
+    g = torch.randn(2, 5, dtype=torch.float64, generator=generator)
+    stash = _WeightGradient()
+    gathered = _GatherWeightGradient.apply(weight, stash)
+    loss = (_ProductWithStashedGradient.apply(x, gathered, stash, True) ** 2).sum() + (
+        _ProductWithStashedGradient.apply(g, gathered, stash, False) ** 3
+    ).sum()
+    (ours,) = torch.autograd.grad(loss, weight)
+    (plain,) = torch.autograd.grad(((x @ weight.T) ** 2).sum() + ((g @ weight) ** 3).sum(), weight)
+    assert torch.allclose(ours, plain, rtol=1e-12, atol=0) and not stash.lefts  # summed, then cleared
 
 
 def test_low_rank_head_only_where_fc_reads_the_encoder():
