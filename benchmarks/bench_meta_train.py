@@ -23,11 +23,12 @@ their ratio; the project's target is metacl at least 8x the reference's speed on
 The reference is timed twice. First as its users run it: higherANML's layers (nn.InstanceNorm2d,
 ReLU, then the native max-pool; `with_reference_layers`) and, on CPU, glibc's default allocator.
 Then the design alone: metacl's layers (the same function through faster kernels) and metacl's
-CPU settings (its allocator, denormals flushed while it trains). On CPU, metacl's meta-training tunes glibc malloc so that an episode's large
-activations are reused instead of page-faulted in afresh (metacl/core/allocator.py); the setting
-is process-wide and cannot be undone, so the order is: the reference as its users run it, then
-metacl as `metacl meta train` runs it (tuned), then the reference design alone. Both ratios are
-printed. `--allocator default` keeps glibc's defaults throughout. Only the `meta`
+CPU settings (its allocator, denormals flushed while it trains). On CPU, metacl's meta-training
+tunes glibc malloc so that an episode's large activations are reused instead of page-faulted in
+afresh (metacl/core/allocator.py); the setting is process-wide and cannot be undone, so the order
+is: the reference as its users run it, then metacl as `metacl meta train` runs it (tuned), then
+the reference design alone. Both ratios are printed. `--allocator default` keeps glibc's
+defaults throughout. Only the `meta`
 algorithm has this reference (`sequential_episodic` is printed alone), and it needs `higher`
 (`pip install higher`, or the `dev` extra); `--skip-reference` leaves it out. Before timing, a
 check line compares the two designs' meta-loss and meta-gradient on one episode from the same

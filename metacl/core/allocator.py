@@ -20,8 +20,8 @@ gets the same behaviour from inside the process with mallopt(3):
 
 Results do not change, only where the bytes live. What took effect is checked, not assumed: a
 64 MiB probe block (over glibc's 32 MiB cap) must come from the heap, as `mallinfo2`'s count of
-mmapped blocks shows. The cost is memory: the
-process keeps its peak heap (freed blocks stay mapped for reuse) instead of returning it.
+mmapped blocks shows. The cost is memory: the process keeps its peak heap (freed blocks stay
+mapped for reuse) instead of returning it.
 
 Set METACL_MALLOC_TUNING=0 (or false, no, off) to keep glibc's defaults. The setting is
 process-wide and cannot be undone cleanly (memory already in the heap stays there), so it is

@@ -72,21 +72,29 @@ class Conv2d(nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (x.device.type == "cpu" and x.dim() == 4 and x.shape[0] == 1 and self.groups == 1):
-            return super().forward(x)
-        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+        padding = self.padding
+        if isinstance(padding, str) or not self._unfolds(x):  # "same"/"valid" padding: the native kernel
             return super().forward(x)
         out_size = [
             (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
             for size, pad, dilation, kernel, stride in zip(
-                x.shape[2:], self.padding, self.dilation, self.kernel_size, self.stride
+                x.shape[2:], padding, self.dilation, self.kernel_size, self.stride
             )
         ]
-        patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        patches = F.unfold(x, self.kernel_size, self.dilation, padding, self.stride)
         out = self.weight.view(self.out_channels, -1) @ patches[0]
         if self.bias is not None:
             out = out + self.bias[:, None]
         return out.view(1, self.out_channels, *out_size)
+
+    def _unfolds(self, x: torch.Tensor) -> bool:
+        return (
+            x.device.type == "cpu"
+            and x.dim() == 4
+            and x.shape[0] == 1
+            and self.groups == 1
+            and self.padding_mode == "zeros"
+        )
 
 
 class MaxPool2d(nn.MaxPool2d):

@@ -183,7 +183,7 @@ class LowRankHead:
 
     names = ("fc.weight", "fc.bias")
 
-    def __init__(self, params: dict[str, torch.Tensor], inner_names: list[str], create_graph: bool):
+    def __init__(self, params: dict[str, torch.Tensor], inner_names: list[str], lr: float, create_graph: bool):
         self.weight = params["fc.weight"]
         self.bias = params.get("fc.bias")
         self.adapt_bias = "fc.bias" in inner_names
@@ -191,9 +191,9 @@ class LowRankHead:
         self.stash = _WeightGradient()
         # the same numbers as W_0; with create_graph, its gradient is gathered as described above
         self.gathered = _GatherWeightGradient.apply(self.weight, self.stash) if create_graph else self.weight.detach()
-        self.inputs: list[torch.Tensor] = []  # the z of each step, (batch, features)
-        self.grads: list[torch.Tensor] = []  # the g of each step, (batch, classes)
-        self.lr = 0.0
+        self.lr = lr
+        self.inputs: torch.Tensor | None = None  # Z: every step's z, (steps x batch, features)
+        self.grads: torch.Tensor | None = None  # G: every step's g, (steps x batch, classes)
 
     def _product(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
         if not self.create_graph:
@@ -205,31 +205,30 @@ class LowRankHead:
         logits = self._product(z, transpose=True)
         if self.bias is not None:
             logits = logits + self.bias
-        if self.inputs:
-            logits = logits - self.lr * ((z @ torch.cat(self.inputs).T) @ torch.cat(self.grads))
+        if self.inputs is not None and self.grads is not None:
+            logits = logits - self.lr * ((z @ self.inputs.T) @ self.grads)
         return logits
 
     def input_grad(self, grad_logits: torch.Tensor) -> torch.Tensor:
         """The loss's gradient at the head's input, grad_logits W_k."""
         grad = self._product(grad_logits, transpose=False)
-        if self.inputs:
-            grad = grad - self.lr * ((grad_logits @ torch.cat(self.grads).T) @ torch.cat(self.inputs))
+        if self.inputs is not None and self.grads is not None:
+            grad = grad - self.lr * ((grad_logits @ self.grads.T) @ self.inputs)
         return grad
 
-    def step(self, z: torch.Tensor, grad_logits: torch.Tensor, lr: float) -> None:
-        """One SGD step at learning rate `lr` (the same at every step of an inner loop)."""
-        self.lr = lr
-        self.inputs.append(z)
-        self.grads.append(grad_logits)
+    def step(self, z: torch.Tensor, grad_logits: torch.Tensor) -> None:
+        """One SGD step: z and g join Z and G."""
+        self.inputs = z if self.inputs is None else torch.cat([self.inputs, z])
+        self.grads = grad_logits if self.grads is None else torch.cat([self.grads, grad_logits])
         if self.adapt_bias:
             assert self.bias is not None
-            self.bias = self.bias - lr * grad_logits.sum(0)
+            self.bias = self.bias - self.lr * grad_logits.sum(0)
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """The fast weights as plain tensors (one matrix product for the weight)."""
         weight = self.weight
-        if self.inputs:
-            weight = weight - self.lr * (torch.cat(self.grads).T @ torch.cat(self.inputs))
+        if self.inputs is not None and self.grads is not None:
+            weight = weight - self.lr * (self.grads.T @ self.inputs)
         return {"fc.weight": weight, **({"fc.bias": self.bias} if self.adapt_bias else {})}
 
 
@@ -245,7 +244,7 @@ def inner_loop(
 ) -> tuple[dict[str, torch.Tensor], InnerStats]:
     """SGD on the inner parameters through the episode's trajectory; returns the fast weights."""
     fast = dict(params)
-    head = LowRankHead(params, inner_names, create_graph) if fmodel.low_rank_head else None
+    head = LowRankHead(params, inner_names, lr, create_graph) if fmodel.low_rank_head else None
     names = [n for n in inner_names if head is None or n not in head.names]
     stats = InnerStats([], [], 0)
     for rows in episode.inner_batches(cycles):
@@ -273,7 +272,7 @@ def inner_loop(
                     materialize_grads=True,
                 )
             # first order: the step's update is a constant, as `grads` are
-            head.step(features if create_graph else features.detach(), grad_logits, lr)
+            head.step(features if create_graph else features.detach(), grad_logits)
             loss = F.cross_entropy(logits.detach(), labels)
         for name, grad in zip(names, grads):
             fast[name] = fast[name].add(grad, alpha=-lr)  # one kernel for fast - lr * grad
