@@ -232,9 +232,20 @@ def faults(warmup=2, rounds=8):
         counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
     return statistics.median(counts[warmup:])
 
+def heap_takes_huge_pages():
+    # the [heap] mapping's THPeligible flag in /proc/self/smaps
+    in_heap = False
+    for line in open("/proc/self/smaps"):
+        if "-" in line.split()[0]:
+            in_heap = line.rstrip().endswith("[heap]")
+        elif in_heap and line.startswith("THPeligible:"):
+            return line.split()[1] == "1"
+    return None
+
 before = faults()
 tuning = allocator.tune_malloc()
-print(json.dumps({"before": before, "after": faults(), "status": tuning.status}))
+print(json.dumps({"before": before, "after": faults(), "status": tuning.status, "detail": tuning.detail,
+                  "huge_pages": heap_takes_huge_pages()}))
 """
 
 
@@ -262,6 +273,9 @@ def test_malloc_tuning_stops_big_tensors_page_faulting_in_every_time():
     assert tuned["before"] > 100_000 and tuned["after"] < tuned["before"] / 20, tuned
     kept = page_faults("0")
     assert kept["status"] == "disabled" and kept["after"] > kept["before"] / 2, kept
+    if allocator.transparent_huge_pages() == "madvise":  # the kernel gives huge pages on request only
+        assert tuned["huge_pages"] is True and "huge pages requested" in tuned["detail"], tuned
+        assert kept["huge_pages"] is False, kept
 
 
 def test_malloc_tuning_falls_back_where_glibc_caps_the_mmap_threshold(monkeypatch):
@@ -300,6 +314,27 @@ def test_malloc_tuning_falls_back_where_glibc_caps_the_mmap_threshold(monkeypatc
         (allocator.M_MMAP_MAX, 0),
     ]
     assert allocator.tune_malloc() is result  # once per process
+    assert "huge pages" in result.detail and fake.blocks == 0  # the fake has no madvise: reported, not assumed
     monkeypatch.setattr(allocator, "_result", None)
     monkeypatch.setenv(allocator.ENV_VAR, "off")
     assert allocator.tune_malloc().status == "disabled"
+
+
+@pytest.mark.parametrize("mode", ["always", "never", None])
+def test_huge_pages_are_only_requested_where_the_kernel_waits_to_be_asked(monkeypatch, mode):
+    class NoCalls:
+        def __getattr__(self, name):
+            raise AssertionError(f"{name} called with THP {mode}")
+
+    monkeypatch.setattr(allocator, "transparent_huge_pages", lambda: mode)
+    detail = allocator._advise_huge_pages(NoCalls())  # type: ignore[arg-type]
+    assert detail == f"transparent huge pages {mode or 'unavailable'} (left as they are)"
+
+
+def test_the_kernels_huge_page_mode_is_read_from_its_bracket(monkeypatch, tmp_path):
+    setting = tmp_path / "enabled"
+    setting.write_text("always [madvise] never\n")
+    monkeypatch.setattr(allocator, "THP_SETTING", setting)
+    assert allocator.transparent_huge_pages() == "madvise"
+    monkeypatch.setattr(allocator, "THP_SETTING", tmp_path / "missing")
+    assert allocator.transparent_huge_pages() is None

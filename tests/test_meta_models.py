@@ -187,14 +187,21 @@ def test_gathering_max_pool_under_vmap_and_other_windows():
         {"in_channels": 2, "out_channels": 3, "kernel_size": (3, 2), "dilation": 2, "padding": (2, 0)},
     ],
 )
-def test_batch_one_convolution_computes_the_native_convolution(settings):
-    """At batch 1 on CPU, Conv2d multiplies unfolded patches: the same values and first and
-    second derivatives as nn.Conv2d (float64, to rounding); other batches run the native kernel."""
+@pytest.mark.parametrize("size", [(9, 10), (14, 15)])
+def test_batch_one_convolution_computes_the_native_convolution(settings, size):
+    """At batch 1 on CPU, Conv2d multiplies unfolded patches, position-major where the output has
+    few positions, channel-major otherwise: the same values and first and second derivatives as
+    nn.Conv2d (float64, to rounding); other batches run the native kernel."""
     torch.manual_seed(0)
     ours = Conv2d(**settings).double()
     native = nn.Conv2d(**settings).double()
     native.load_state_dict(ours.state_dict())
-    x = torch.randn(1, settings["in_channels"], 9, 10, dtype=torch.float64)
+    x = torch.randn(1, settings["in_channels"], *size, dtype=torch.float64)
+    out = ours(x)
+    position_major = out[0, 0].numel() <= Conv2d.position_major_max
+    assert (out.stride(1) == 1) == position_major and out.shape[2:] == native(x).shape[2:]
+    if size == (9, 10) and "stride" not in settings:
+        assert position_major  # both branches are exercised
     for a, b in zip(first_and_second_derivatives(ours, x), first_and_second_derivatives(native, x)):
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-10, atol=1e-12)
     (weight_grad,) = torch.autograd.grad(ours(x).square().sum(), ours.weight)

@@ -18,6 +18,13 @@ gets the same behaviour from inside the process with mallopt(3):
                       builds that cap the threshold at HEAP_MAX_SIZE / 2 (32 MiB) refuse it; then
                       M_MMAP_MAX = 0 (no mmap from the main arena) does the same job.
 
+Where the kernel gives transparent huge pages only on request (THP "madvise", Debian's and many
+distributions' default), the heap is also asked for them: its first gigabytes are reserved up front
+(address space only; untouched pages cost nothing) and marked with madvise(MADV_HUGEPAGE), so a
+58 MB activation sits on 29 pages of 2 MiB instead of 14,000 of 4 KiB. Measured on an ANML
+episode (two processes taking turns, 12 rounds): 2.7% faster, every round. glibc's own
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` does the same but can only be set before the process starts.
+
 Results do not change, only where the bytes live. What took effect is checked, not assumed: a
 64 MiB probe block (over glibc's 32 MiB cap) must come from the heap, as `mallinfo2`'s count of
 mmapped blocks shows. The cost is memory: the process keeps its peak heap (freed blocks stay
@@ -38,11 +45,17 @@ import ctypes.util
 import os
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 ENV_VAR = "METACL_MALLOC_TUNING"
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
 TOP_PAD_BYTES = 1 << 30
 PROBE_BYTES = 64 << 20  # over glibc's documented 32 MiB mmap-threshold cap
+MADV_HUGEPAGE = 14
+HUGE_PAGE_RESERVE_BYTES = 8 << 30
+"""Heap reserved and marked for huge pages: an ANML meta-training peaks at about 2.4 GB. A heap
+that grows past it gets ordinary pages there (the kernel does not extend the mark)."""
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,9 @@ def _glibc() -> ctypes.CDLL | None:
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
     libc.free.restype = None
+    if hasattr(libc, "madvise"):
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise.restype = ctypes.c_int
     if hasattr(libc, "mallinfo2"):  # glibc >= 2.33
         libc.mallinfo2.argtypes = []
         libc.mallinfo2.restype = _Mallinfo2
@@ -123,6 +139,46 @@ def _probe_comes_from_heap(libc: ctypes.CDLL) -> bool | None:
         return mmapped_blocks(libc) == before
     finally:
         libc.free(block)
+
+
+def transparent_huge_pages() -> str | None:
+    """The kernel's THP mode (always, madvise or never), or None where it has none."""
+    try:
+        text = THP_SETTING.read_text()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1 : end] if 0 <= start < end else None
+
+
+def heap_range() -> tuple[int, int] | None:
+    """(start, end) of this process's [heap] mapping, from /proc/self/maps."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.endswith("[heap]"):
+            start, end = line.split()[0].split("-")
+            return int(start, 16), int(end, 16)
+    return None
+
+
+def _advise_huge_pages(libc: ctypes.CDLL) -> str:
+    """Reserve the heap's first gigabytes and mark them for transparent huge pages (see above)."""
+    mode = transparent_huge_pages()
+    if mode != "madvise":
+        return f"transparent huge pages {mode or 'unavailable'} (left as they are)"
+    if not hasattr(libc, "madvise"):
+        return "transparent huge pages not requested (no madvise)"
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    block = libc.malloc(min(HUGE_PAGE_RESERVE_BYTES, memory // 2))  # grows the heap; never trimmed
+    if block:
+        libc.free(block)
+    heap = heap_range()
+    if heap is None or libc.madvise(heap[0], heap[1] - heap[0], MADV_HUGEPAGE) != 0:
+        return "transparent huge pages not requested (madvise refused)"
+    return f"transparent huge pages requested for the heap's first {(heap[1] - heap[0]) / 2**30:.1f} GiB"
 
 
 def tune_malloc() -> MallocTuning:
@@ -154,6 +210,8 @@ def tune_malloc() -> MallocTuning:
     else:
         checked = "checked" if from_heap else "unchecked: no mallinfo2"
         _result = MallocTuning(
-            "tuned", f"glibc malloc: no heap trimming, 1 GiB top pad, {how} ({checked}); {ENV_VAR}=0 keeps the defaults"
+            "tuned",
+            f"glibc malloc: no heap trimming, 1 GiB top pad, {how} ({checked}); {_advise_huge_pages(libc)}; "
+            f"{ENV_VAR}=0 keeps the defaults",
         )
     return _result
