@@ -305,6 +305,21 @@ def test_meta_step_updates_the_pre_episode_weights():
         assert torch.allclose(ours, expected, atol=1e-6)
 
 
+def test_the_outer_adam_is_fused_and_stays_fused_when_an_older_state_is_loaded():
+    """The fused kernel is the same Adam (the step above matches the default one); an older
+    checkpoint's optimizer state, saved unfused, is loaded without switching the kernel off."""
+    model = tiny_model()
+    ours = trainer(Meta, model, ["all"], ["all"], inner_lr=0.1, outer_lr=0.01, zap=False)
+    assert all(group["fused"] for group in ours.optimizer.param_groups)
+    older = torch.optim.Adam(model.parameters(), lr=0.01)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    older.step()
+    ours.load_state_dict({"optimizer": older.state_dict()})
+    assert all(group["fused"] for group in ours.optimizer.param_groups)
+    assert ours.optimizer.state_dict()["state"][0]["exp_avg"].equal(older.state_dict()["state"][0]["exp_avg"])
+
+
 # ------------------------------------------------------------------------- trials, schedules
 def test_continual_trial_is_sequential_sgd_then_accuracy_on_the_held_out_images():
     # float64: the two computations round differently, and a float32 near-tie could flip an argmax
