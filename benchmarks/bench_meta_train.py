@@ -20,8 +20,8 @@ trajectory image, the meta-loss on all the episode's images through the final fa
 `.backward()`, an Adam step (lr 1e-3) on every parameter. The script prints both medians and
 their ratio; the project's target is metacl at least 8x the reference's speed on CPU.
 
-The reference is timed twice. First as its users run it: higherANML's layers (nn.InstanceNorm2d,
-ReLU, then the native max-pool; `with_reference_layers`) and, on CPU, glibc's default allocator.
+The reference is timed twice. First as its users run it: higherANML's layers (nn.Conv2d,
+nn.InstanceNorm2d, ReLU, then the native max-pool; `with_reference_layers`) and, on CPU, glibc's default allocator.
 Then the design alone: metacl's layers (the same function through faster kernels) and metacl's
 CPU settings (its allocator, denormals flushed while it trains). On CPU, metacl's meta-training
 tunes glibc malloc so that an episode's large activations are reused instead of page-faulted in
@@ -154,19 +154,32 @@ def check_equivalence(higher, model: torch.nn.Module, inner_names: list[str], ep
 
 
 def with_reference_layers(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model` built from higherANML's layers: every [conv; metacl InstanceNorm; max-pool;
-    ReLU] block becomes its [conv; nn.InstanceNorm2d(affine); ReLU; nn.MaxPool2d], the same weights
-    under the same names. The same function (the check line compares the two designs), computed by
-    the kernels the reference's users run."""
+    """A copy of `model` built from higherANML's layers: every [metacl Conv2d; metacl InstanceNorm;
+    max-pool; ReLU] block becomes its [nn.Conv2d; nn.InstanceNorm2d(affine); ReLU; nn.MaxPool2d],
+    the same weights under the same names. The same function (the check line compares the two
+    designs), computed by the kernels the reference's users run."""
     model = copy.deepcopy(model)
     for block in [m for m in model.modules() if isinstance(m, torch.nn.Sequential)]:
         layers = list(block)
         if len(layers) < 3 or not isinstance(layers[1], InstanceNorm):
             continue
+        conv = layers[0]
+        native = torch.nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+        )
+        native.weight, native.bias = conv.weight, conv.bias
         norm = torch.nn.InstanceNorm2d(layers[1].num_features, eps=layers[1].eps, affine=True)
         norm.weight, norm.bias = layers[1].weight, layers[1].bias
         pools = [torch.nn.MaxPool2d(m.kernel_size) for m in layers[2:] if isinstance(m, torch.nn.MaxPool2d)]
-        for index, layer in enumerate([layers[0], norm, torch.nn.ReLU(), *pools]):
+        for index, layer in enumerate([native, norm, torch.nn.ReLU(), *pools]):
             block[index] = layer
     return model
 
