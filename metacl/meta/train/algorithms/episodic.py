@@ -4,6 +4,7 @@ turns into the loss whose gradient the outer step follows (`outer_loss`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -52,7 +53,7 @@ class EpisodeConfig:
     """Clip the outer gradient to this norm (0: no clipping)."""
 
 
-def outer_adam(params: list[torch.Tensor], lr: float) -> torch.optim.Adam:
+def outer_adam(params: Sequence[torch.Tensor], lr: float) -> torch.optim.Adam:
     """Adam with PyTorch's fused kernel where this torch has one for the parameters' device.
 
     The same update as the default (multi-tensor) Adam, to float rounding, in one pass over each
