@@ -299,7 +299,7 @@ def main() -> None:
     glibc = ", glibc's default allocator" if device.type == "cpu" else ""
     if higher is not None:
         time_the_reference(f"higherANML's layers{glibc}: as its users run it", with_reference_layers(reference_model))
-    allocator = tune_malloc().detail if tune else "glibc defaults (not tuned)"
+    allocator = tune_malloc(huge_pages=True).detail if tune else "glibc defaults (not tuned)"
     print(f"allocator: {allocator}", flush=True)
 
     def episode() -> None:

@@ -243,7 +243,7 @@ def heap_takes_huge_pages():
     return None
 
 before = faults()
-tuning = allocator.tune_malloc()
+tuning = allocator.tune_malloc(huge_pages=True)  # as a meta-training asks
 print(json.dumps({"before": before, "after": faults(), "status": tuning.status, "detail": tuning.detail,
                   "huge_pages": heap_takes_huge_pages()}))
 """
@@ -314,7 +314,10 @@ def test_malloc_tuning_falls_back_where_glibc_caps_the_mmap_threshold(monkeypatc
         (allocator.M_MMAP_MAX, 0),
     ]
     assert allocator.tune_malloc() is result  # once per process
-    assert "huge pages" in result.detail and fake.blocks == 0  # the fake has no madvise: reported, not assumed
+    assert "ordinary pages" in result.detail  # huge pages only when asked (a meta-training)
+    monkeypatch.setattr(allocator, "_result", None)
+    monkeypatch.setattr(allocator, "transparent_huge_pages", lambda: "madvise")
+    assert "huge pages not requested (no madvise)" in allocator.tune_malloc(huge_pages=True).detail
     monkeypatch.setattr(allocator, "_result", None)
     monkeypatch.setenv(allocator.ENV_VAR, "off")
     assert allocator.tune_malloc().status == "disabled"

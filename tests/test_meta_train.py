@@ -431,10 +431,10 @@ def test_meta_training_flushes_denormals_while_it_steps_only(tmp_path, synthetic
 def test_a_cpu_meta_training_tunes_the_allocator(tmp_path, synthetic_pools, monkeypatch):
     calls = []
     monkeypatch.setattr(
-        meta_experiment, "tune_malloc", lambda: calls.append(1) or MallocTuning("tuned", "tuned (test)")
+        meta_experiment, "tune_malloc", lambda **kw: calls.append(kw) or MallocTuning("tuned", "tuned (test)")
     )
     path, _ = execute(tiny_config(tmp_path, "meta", "run"))
-    assert calls == [1] and "allocator: tuned (test)" in (path / "log.txt").read_text()
+    assert calls == [{"huge_pages": True}] and "allocator: tuned (test)" in (path / "log.txt").read_text()
 
 
 @pytest.mark.parametrize("algorithm", ["meta", "sequential_episodic", "iid"])

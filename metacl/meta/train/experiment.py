@@ -270,7 +270,7 @@ def run(config: Config, run) -> dict:
         }
     )
     if device.type == "cpu":  # after loading: the data's own temporaries go back to the OS
-        run.log.info("allocator: %s", tune_malloc().detail)
+        run.log.info("allocator: %s", tune_malloc(huge_pages=True).detail)
     model = build(config, train_images.shape[0], device)
     check_input(model, train_images)
     streams = {name: torch_generator(config.seed, name) for name in ("sample", "zap", "eval", "augment")}
