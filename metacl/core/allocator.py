@@ -27,8 +27,8 @@ episodes: 2.7% and 2.9% faster with two processes taking turns (12 and 10 rounds
 120-episode meta-training each way (its first episodes slower while huge pages are first
 touched). glibc's own
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` does the same but can only be set before the process starts.
-Mastery runs keep ordinary pages: their timings with and without were too noisy here to show a
-gain (4.8, 7.9 and 5.1 s per batch), and a first touch of huge pages can stall on compaction.
+Mastery runs keep ordinary pages: they were not compared (three timings of a mastery batch with
+huge pages spread from 4.8 to 7.9 s), and a first touch of huge pages can stall on compaction.
 
 Results do not change, only where the bytes live. What took effect is checked, not assumed: a
 64 MiB probe block (over glibc's 32 MiB cap) must come from the heap, as `mallinfo2`'s count of
