@@ -20,14 +20,13 @@ gets the same behaviour from inside the process with mallopt(3):
 
 For a meta-training (`tune_malloc(huge_pages=True)`), where the kernel gives transparent huge
 pages only on request (THP "madvise", Debian's and many distributions' default), the heap is also
-asked for them: its first gigabytes are reserved up front
-(address space only; untouched pages cost nothing) and marked with madvise(MADV_HUGEPAGE), so a
-58 MB activation sits on 29 pages of 2 MiB instead of 14,000 of 4 KiB. Measured on ANML
-episodes: 2.7% and 2.9% faster with two processes taking turns (12 and 10 rounds), 0.7% over a
-120-episode meta-training each way (its first episodes slower while huge pages are first
-touched). glibc's own
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` does the same but can only be set before the process starts.
-Mastery runs keep ordinary pages: they were not compared (three timings of a mastery batch with
+asked for them: its first gigabytes are reserved up front (address space only; untouched pages
+cost nothing) and marked with madvise(MADV_HUGEPAGE), so a 58 MB activation sits on 29 pages of
+2 MiB instead of 14,000 of 4 KiB. Measured on ANML episodes: 2.7% and 2.9% faster with two
+processes taking turns (12 and 10 rounds), 0.7% over a 120-episode meta-training each way (its
+first episodes slower while huge pages are first touched). glibc's own
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` does the same but can only be set before the process
+starts. Mastery runs keep ordinary pages: they were not compared (three timings of a mastery batch with
 huge pages spread from 4.8 to 7.9 s), and a first touch of huge pages can stall on compaction.
 
 Results do not change, only where the bytes live. What took effect is checked, not assumed: a
@@ -215,9 +214,9 @@ def tune_malloc(huge_pages: bool = False) -> MallocTuning:
         )
     else:
         checked = "checked" if from_heap else "unchecked: no mallinfo2"
+        pages = _advise_huge_pages(libc) if huge_pages else "ordinary pages"
         _result = MallocTuning(
             "tuned",
-            f"glibc malloc: no heap trimming, 1 GiB top pad, {how} ({checked}); {_advise_huge_pages(libc) if huge_pages else 'ordinary pages'}; "
-            f"{ENV_VAR}=0 keeps the defaults",
+            f"glibc malloc: no heap trimming, 1 GiB top pad, {how} ({checked}); {pages}; {ENV_VAR}=0 keeps the defaults",
         )
     return _result

@@ -156,7 +156,7 @@ class _FoldPatches(torch.autograd.Function):
         ctx.kernel = kernel
         (channels, height, width), (kh, kw) = size, kernel
         rows, cols = height - kh + 1, width - kw + 1
-        windows = patches.view(channels, kh, kw, rows, cols)
+        windows = patches.reshape(channels, kh, kw, rows, cols)  # a gradient may arrive in any layout
         image = patches.new_zeros(channels, height, width)
         for i in range(kh):
             band = image[:, i : i + rows]
