@@ -21,24 +21,28 @@ trajectory image, the meta-loss on all the episode's images through the final fa
 their ratio; the project's target is metacl at least 8x the reference's speed on CPU.
 
 The reference is timed twice. First as its users run it: higherANML's layers (nn.Conv2d,
-nn.InstanceNorm2d, ReLU, then the native max-pool; `with_reference_layers`) and, on CPU, glibc's default allocator.
-Then the design alone: metacl's layers (the same function through faster kernels) and metacl's
-CPU settings (its allocator, denormals flushed while it trains). On CPU, metacl's meta-training
-tunes glibc malloc so that an episode's large activations are reused instead of page-faulted in
-afresh (metacl/core/allocator.py); the setting is process-wide and cannot be undone, so the order
-is: the reference as its users run it, then metacl as `metacl meta train` runs it (tuned), then
-the reference design alone. Both ratios are printed. `--allocator default` keeps glibc's
-defaults throughout. Only the `meta`
-algorithm has this reference (`sequential_episodic` is printed alone), and it needs `higher`
-(`pip install higher`, or the `dev` extra); `--skip-reference` leaves it out. Before timing, a
-check line compares the two designs' meta-loss and meta-gradient on one episode from the same
-weights (`--skip-check` leaves it out).
+nn.InstanceNorm2d, ReLU, then the native max-pool; `with_reference_layers`) and, on CPU, glibc's
+default allocator. Then the design alone: metacl's layers (the same function through faster
+kernels) and metacl's CPU settings (its allocator, denormals flushed while it trains). On CPU,
+metacl's meta-training tunes glibc malloc so that an episode's large activations are reused
+instead of page-faulted in afresh (metacl/core/allocator.py); the setting is process-wide and
+cannot be undone, so each reference runs in a process of its own, started first and warmed up
+with one episode. The three then take turns: one episode of each reference, then a share of
+metacl's episodes, round after round, so that a slow spell of the machine falls on all three
+alike instead of on whichever was timed during it. The ratios compare medians. `--allocator
+default` keeps glibc's defaults throughout. Only the `meta` algorithm has this reference
+(`sequential_episodic` is printed alone), and it needs `higher` (`pip install higher`, or the
+`dev` extra); `--skip-reference` leaves it out. Before timing, a check line compares the two
+designs' meta-loss and meta-gradient on one episode from the same weights, in a process of its
+own too (`--skip-check` leaves it out).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import multiprocessing
 import os
 import resource
 import statistics
@@ -153,6 +157,18 @@ def check_equivalence(higher, model: torch.nn.Module, inner_names: list[str], ep
     )
 
 
+def checked_episode(model_name: str, device: str, threads: int | None) -> str:
+    """`check_equivalence` on the benchmark's initial model and one episode of another seed."""
+    import higher
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, images = setup(model_name, torch.device(device))
+    inner_names = list(select_parameters(model, MODELS[model_name][2]))
+    episode = EpisodeSampler(images, torch.Generator().manual_seed(1)).sample()
+    return check_equivalence(higher, model, inner_names, episode)
+
+
 def with_reference_layers(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of `model` built from higherANML's layers: every [metacl Conv2d; metacl InstanceNorm;
     max-pool; ReLU] block becomes its [nn.Conv2d; nn.InstanceNorm2d(affine); ReLU; nn.MaxPool2d],
@@ -184,37 +200,80 @@ def with_reference_layers(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def time_reference(
-    higher,
-    model: torch.nn.Module,
-    inner_prefixes: list[str],
-    images: torch.Tensor,
-    device: torch.device,
-    episodes: int,
-    warmup: int,
-) -> list[float]:
-    """Seconds per reference episode (after `warmup` untimed ones), on metacl's episode stream."""
-    generator = torch.Generator().manual_seed(0)  # the same seed, so the same episodes as metacl
-    sampler = EpisodeSampler(images, generator)
-    inner = torch.optim.SGD(list(select_parameters(model, inner_prefixes).values()), lr=INNER_LR)
-    outer = torch.optim.Adam(model.parameters(), lr=OUTER_LR)
+def setup(model_name: str, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The benchmark's initial model and images, the same in every process of the run (one seed)."""
+    spec, size, _ = MODELS[model_name]
+    torch.manual_seed(0)
+    model = build_model(spec).to(device)
+    return model, torch.rand(964, 20, 1, size, size, device=device)
 
-    def episode() -> None:
-        sample = sampler.sample()
-        zap_rows(model.fc.weight, sample.inner_classes, generator)
-        reference_meta_loss(higher, model, inner, sample)
-        outer.step()
-        outer.zero_grad()
-        sync(device)
 
-    for _ in range(warmup):
-        episode()
-    wall = []
-    for _ in range(episodes):
+class ReferenceEpisodes:
+    """The reference design's episodes on metacl's episode stream (the same seed, so the same
+    episodes and zaps as metacl), each call one episode, returning its seconds."""
+
+    def __init__(self, higher, model: torch.nn.Module, inner_prefixes: list[str], images: torch.Tensor, device):
+        self.higher, self.model, self.device = higher, model, device
+        self.generator = torch.Generator().manual_seed(0)
+        self.sampler = EpisodeSampler(images, self.generator)
+        self.inner = torch.optim.SGD(list(select_parameters(model, inner_prefixes).values()), lr=INNER_LR)
+        self.outer = torch.optim.Adam(model.parameters(), lr=OUTER_LR)
+
+    def __call__(self) -> float:
         t0 = time.perf_counter()
-        episode()
-        wall.append(time.perf_counter() - t0)
-    return wall
+        sample = self.sampler.sample()
+        zap_rows(self.model.fc.weight, sample.inner_classes, self.generator)
+        reference_meta_loss(self.higher, self.model, self.inner, sample)
+        self.outer.step()
+        self.outer.zero_grad()
+        sync(self.device)
+        return time.perf_counter() - t0
+
+
+def reference_worker(connection, model_name: str, device: str, threads: int | None, layers: str, tuned: bool) -> None:
+    """A process that runs one reference episode whenever the benchmark asks, and sends back its
+    seconds. Its own process, because the allocator setting cannot be undone: the reference as
+    its users run it keeps glibc's defaults while metacl, in the parent, runs tuned."""
+    import higher
+
+    if threads:
+        torch.set_num_threads(threads)
+    if tuned:
+        tune_malloc(huge_pages=True)
+    device_ = torch.device(device)
+    model, images = setup(model_name, device_)
+    if layers == "reference":
+        model = with_reference_layers(model)
+    episodes = ReferenceEpisodes(higher, model, MODELS[model_name][2], images, device_)
+    flush = denormals_flushed(device_) if layers == "metacl" else contextlib.nullcontext()
+    with flush:
+        episodes()  # warm-up
+        connection.send("ready")
+        while connection.recv() == "episode":
+            connection.send(episodes())
+
+
+class ReferenceProcess:
+    """The parent's handle on a `reference_worker`: `episode()` runs one there and returns its time."""
+
+    def __init__(self, label: str, args: argparse.Namespace, device: torch.device, layers: str, tuned: bool):
+        self.label, self.times = label, []
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.process = context.Process(
+            target=reference_worker, args=(child, args.model, str(device), args.threads, layers, tuned), daemon=True
+        )
+        self.process.start()
+        if self.connection.recv() != "ready":
+            raise RuntimeError(f"the reference process ({label}) did not start")
+
+    def episode(self) -> None:
+        self.connection.send("episode")
+        self.times.append(self.connection.recv())
+
+    def close(self) -> None:
+        self.connection.send("stop")
+        self.process.join(timeout=60)
 
 
 def main() -> None:
@@ -251,17 +310,13 @@ def main() -> None:
         use_func_inner_grads()
     device = resolve_device(args.device)
     print(hardware_summary(device), flush=True)
-    spec, size, inner_prefixes = MODELS[args.model]
-    torch.manual_seed(0)
-    model = build_model(spec).to(device)
-    reference_model = copy.deepcopy(model)  # the same initial weights for the reference design
-    images = torch.rand(964, 20, 1, size, size, device=device)
+    model, images = setup(args.model, device)
     generator = torch.Generator().manual_seed(0)
-    # one generator draws the episodes and zaps, as the reference design below replays it
+    # one generator draws the episodes and zaps, as the reference design replays it
     trainer = algorithm_class(args.algorithm)(
         model,
         images,
-        algorithm_class(args.algorithm).Config(inner_params=inner_prefixes, outer_params=["all"]),
+        algorithm_class(args.algorithm).Config(inner_params=MODELS[args.model][2], outer_params=["all"]),
         {"sample": generator, "zap": generator},
     )
 
@@ -278,27 +333,20 @@ def main() -> None:
             import higher
         except ImportError:
             reference_note = "reference not timed: the `higher` library is not installed (pip install higher)"
-    if higher is not None and not args.skip_check:
-        check_sampler = EpisodeSampler(images, torch.Generator().manual_seed(1))
-        print(check_equivalence(higher, model, trainer.inner_names, check_sampler.sample()), flush=True)
-
-    reference_runs: list[tuple[str, list[float]]] = []
-
-    def time_the_reference(label: str, layers: torch.nn.Module) -> None:
-        reference_runs.append(
-            (
-                label,
-                time_reference(
-                    higher, copy.deepcopy(layers), inner_prefixes, images, device, args.reference_episodes, warmup=1
-                ),
-            )
-        )
-        print(f"  reference timed ({label}), load average {load()}", flush=True)
+    if higher is not None and not args.skip_check:  # in its own process: metacl's heap stays as a training run's
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            print(pool.apply(checked_episode, (args.model, str(device), args.threads)), flush=True)
 
     tune = args.allocator == "tuned" and device.type == "cpu"
-    glibc = ", glibc's default allocator" if device.type == "cpu" else ""
+    references: list[ReferenceProcess] = []
     if higher is not None:
-        time_the_reference(f"higherANML's layers{glibc}: as its users run it", with_reference_layers(reference_model))
+        glibc = ", glibc's default allocator" if device.type == "cpu" else ""
+        settings = f", {'tuned' if tune else 'default'} allocator, denormals flushed" if device.type == "cpu" else ""
+        references = [
+            ReferenceProcess(f"higherANML's layers{glibc}: as its users run it", args, device, "reference", False),
+            ReferenceProcess(f"metacl's layers{settings}: the design alone", args, device, "metacl", tune),
+        ]
+        print(f"  reference processes ready (one warm-up episode each), load average {load()}", flush=True)
     allocator = tune_malloc(huge_pages=True).detail if tune else "glibc defaults (not tuned)"
     print(f"allocator: {allocator}", flush=True)
 
@@ -313,17 +361,23 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats(device)
     start_memory = memory_mb(device)
     wall, cpu, memory = [], [], []
-    for _ in range(args.episodes):
+    rounds = max(1, args.reference_episodes) if references else 1
+    for index in range(args.episodes):
+        if references and index * rounds % args.episodes < rounds:  # a reference turn every episodes / rounds
+            for reference in references:
+                reference.episode()
         t0, c0 = time.perf_counter(), time.process_time()
         episode()
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         memory.append(memory_mb(device))
+    for reference in references:
+        reference.close()
     median = statistics.median(wall)
     print(
         f"{args.model} {args.algorithm} on {device} ({torch.get_num_threads()} threads, "
-        f"inner grads: {args.inner_grad}), {args.episodes} episodes after {args.warmup} warm-up, "
-        f"load average {load()}"
+        f"inner grads: {args.inner_grad}), {args.episodes} episodes after {args.warmup} warm-up"
+        f"{', taking turns with the references' if references else ''}, load average {load()}"
     )
     print(
         f"  seconds/episode: median {median:.3f}  mean {statistics.mean(wall):.3f}  "
@@ -345,22 +399,19 @@ def main() -> None:
         f"the first) {growth:+.1f} MiB -> {'flat' if flat else 'GROWING'}",
         flush=True,
     )
-    if higher is None:
+    if not references:
         print(reference_note)
         return
-    trainer = model = None  # free metacl's optimiser state before the reference runs
-    settings = f", {'tuned' if tune else 'default'} allocator, denormals flushed" if device.type == "cpu" else ""
-    with denormals_flushed(device):
-        time_the_reference(f"metacl's layers{settings}: the design alone", reference_model)
-    for label, reference in reference_runs:
-        reference_median = statistics.median(reference)
+    for reference in references:
+        reference_median = statistics.median(reference.times)
         print(
-            f"reference design (higher, higherANML's) with {label}: {args.model} meta on "
-            f"{device}, {args.reference_episodes} episodes after 1 warm-up, same run and machine"
+            f"reference design (higher, higherANML's) with {reference.label}: {args.model} meta on "
+            f"{device}, {len(reference.times)} episodes after 1 warm-up, in its own process, "
+            "taking turns with metacl's"
         )
         print(
-            f"  seconds/episode: median {reference_median:.3f}  mean {statistics.mean(reference):.3f}  "
-            f"min {min(reference):.3f}"
+            f"  seconds/episode: median {reference_median:.3f}  mean {statistics.mean(reference.times):.3f}  "
+            f"min {min(reference.times):.3f}"
         )
         print(
             f"metacl is {reference_median / median:.1f}x this reference on this machine: median "

@@ -17,7 +17,7 @@ pip install -q --no-deps -e . > "$OUT/install.txt" 2>&1 || pip install -q --no-d
 step gpu_tests 180 python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -o addopts="" -ra
 step bench_scenes 90 python benchmarks/bench_scenes.py --images 2048
 step bench_mastery 120 python benchmarks/bench_mastery.py --device cuda --batches 3 --num-images 20000 --reference-workers 0 4
-step bench_meta_train_anml 90 python benchmarks/bench_meta_train.py --device cuda --episodes 50 --warmup 5 --reference-episodes 5
+step bench_meta_train_anml 120 python benchmarks/bench_meta_train.py --device cuda --episodes 50 --warmup 5 --reference-episodes 5
 step bench_meta_eval 120 python benchmarks/bench_meta_eval.py --device cuda --steps 600 --reference-steps 200 --memory-gb 60
 step bench_meta_train_oml 60 python benchmarks/bench_meta_train.py --device cuda --model oml --episodes 30 --warmup 3 --skip-reference
 cat "$OUT/summary.txt"
