@@ -188,8 +188,7 @@ class MaxPool2d(nn.MaxPool2d):
         with torch.no_grad():
             channels_last = x.detach().permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
             kernel = self.kernel_size if isinstance(self.kernel_size, tuple) else (self.kernel_size,) * 2
-            _, index = F.max_pool2d_with_indices(channels_last, kernel)
-            index = index.contiguous()
+            _, index = F.max_pool2d_with_indices(channels_last, kernel)  # channels-last too: gather reads it as it is
         return x.flatten(2).gather(2, index.flatten(2)).view(index.shape)
 
     def _gathers(self, x: torch.Tensor) -> bool:
