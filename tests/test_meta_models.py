@@ -8,7 +8,7 @@ from torch import nn
 
 from metacl.core.errors import ConfigError
 from metacl.models import build_model, load_model, model_spec, save_model, select_parameters
-from metacl.models.convnet import Conv2d, InstanceNorm, MaxPool2d
+from metacl.models.convnet import Conv2d, InstanceNorm, MaxPool2d, _InstanceNorm, _InstanceNormBackward, conv_block
 
 
 def count(model: nn.Module) -> int:
@@ -138,6 +138,42 @@ def test_instance_norm_matches_torch():
     assert torch.allclose(norm(x), reference(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(1, 5, 6, 6), (3, 4, 3, 3), (2, 3, 5, 4)])
+def test_instance_norm_derivatives_to_the_third_order(shape):
+    """The written-out second derivative (`_InstanceNormBackward`) against nn.InstanceNorm2d's and
+    against finite differences (float64), including the third order and channels-last inputs."""
+    generator = torch.Generator().manual_seed(3)
+    channels = shape[1]
+    ours = InstanceNorm(channels, affine=True).double()
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(channels, generator=generator, dtype=torch.float64))  # negative too
+        ours.bias.copy_(torch.randn(channels, generator=generator, dtype=torch.float64))
+    reference = nn.InstanceNorm2d(channels, affine=True).double()
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(shape, generator=generator, dtype=torch.float64)
+    for layout in (x, x.contiguous(memory_format=torch.channels_last)):
+        for a, b in zip(first_and_second_derivatives(ours, layout), first_and_second_derivatives(reference, layout)):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    x.requires_grad_()
+    weight, bias = (torch.randn(channels, generator=generator, dtype=torch.float64, requires_grad=True) for _ in "wb")
+
+    def norm(x, weight, bias):
+        return _InstanceNorm.apply(x, weight, bias, 1e-5)
+
+    assert torch.autograd.gradcheck(norm, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(norm, (x, weight, bias))
+    # the backward map's own second derivative (the third order of the norm); its statistics
+    # follow x, as they do when the norm computes them
+    grad = torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True)
+
+    def backward_map(grad, x, weight):
+        n, c = x.shape[:2]
+        _, mean, rstd = torch.native_group_norm(x.detach(), None, None, n, c, x[0, 0].numel(), c, 1e-5)
+        return _InstanceNormBackward.apply(grad, x, weight, mean, rstd, 1e-5)
+
+    assert torch.autograd.gradgradcheck(backward_map, (grad, x, weight))
+
+
 def first_and_second_derivatives(layer, x: torch.Tensor, seed: int = 0):
     """The layer's output, its gradient at x for a random upstream, and the gradients of a random
     function of that gradient with respect to x and the upstream (a double backward)."""
@@ -209,6 +245,26 @@ def test_batch_one_convolution_computes_the_native_convolution(settings, size):
     assert torch.allclose(weight_grad, native_grad, rtol=1e-10, atol=1e-12)
     batch = torch.randn(3, settings["in_channels"], 9, 10, dtype=torch.float64)
     assert torch.equal(ours(batch), native(batch))
+
+
+def test_batch_one_layers_under_torch_func_transforms():
+    """The unfrozen meta-test runs the model under vmap(grad) one image at a time: there the
+    autograd Functions (patches, instance norm) give way to PyTorch's kernels, and the gradients
+    equal those of plain autograd through the Functions, image by image (float64)."""
+    torch.manual_seed(0)
+    blocks = nn.Sequential(conv_block(1, 4), conv_block(4, 3, pool=0)).double()  # 144 positions, then 16
+    params = {name: p.detach() for name, p in blocks.named_parameters()}
+    images = torch.randn(3, 1, 1, 14, 14, dtype=torch.float64)
+
+    def loss(params, x):
+        return torch.func.functional_call(blocks, params, (x,)).square().sum()
+
+    batched = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, images)
+    for index, image in enumerate(images):
+        leaves = {name: p.clone().requires_grad_() for name, p in params.items()}
+        plain = torch.autograd.grad(loss(leaves, image), list(leaves.values()))
+        for name, grad in zip(leaves, plain):
+            assert torch.allclose(batched[name][index], grad, rtol=1e-10, atol=1e-12), name
 
 
 def test_select_parameters_by_prefix():
