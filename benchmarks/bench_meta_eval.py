@@ -28,8 +28,10 @@ weights and Adam moments (28 MB for one ANML head) in the last-level cache, a la
 them from DRAM every step. Sizes are measured interleaved, `--repeats` times, and the medians
 printed with the load average, since the machine may be shared.
 
-Unfrozen: ms per step of every parameter of a (random) ANML learning, for T trajectories under
-vmap and, as the reference does it, one trajectory with torch.optim.Adam, both in this run.
+Unfrozen: ms per step of every parameter of a (random) ANML learning, for T trajectories as
+`LRSweep` runs them (one by one on CPU, `SequentialEngine`; under vmap elsewhere; the 30 steps of
+a 2-class sweep with its evaluations and set-up) and, as the reference does it, one trajectory
+with torch.optim.Adam, both in this run.
 
 Saturated (--saturate S): the frozen sweep on features scaled by S (30 saturates the softmax at
 the high learning rates, as a trained encoder's features do in the validation sweep), timed with
@@ -392,7 +394,7 @@ def unfrozen(args: argparse.Namespace, device: torch.device) -> None:
     start = time.perf_counter()
     sweep.run(2)
     sync(device)
-    vmapped = (time.perf_counter() - start) / 30
+    sweep_step = (time.perf_counter() - start) / 30
     net = build_model({"name": "anml"}).to(device)
     optimiser = torch.optim.Adam(net.parameters(), lr=1e-3)
     x, y = images[0, :1], torch.zeros(1, dtype=torch.long, device=device)
@@ -408,14 +410,14 @@ def unfrozen(args: argparse.Namespace, device: torch.device) -> None:
         optimiser.step()
     sync(device)
     single = (time.perf_counter() - start) / 20
-    per_trajectory = vmapped / len(lrs)
+    per_trajectory = sweep_step / len(lrs)
     print(
-        f"unfrozen ANML (every parameter learns), same run: {len(lrs)} trajectories under vmap "
-        f"{vmapped * 1e3:.0f} ms/step ({per_trajectory * 1e3:.0f} ms per trajectory-step, incl. evaluations); "
+        f"unfrozen ANML (every parameter learns), same run: {len(lrs)} trajectories, {sweep.engine_name} engine, "
+        f"{sweep_step * 1e3:.0f} ms/step ({per_trajectory * 1e3:.0f} ms per trajectory-step, incl. evaluations); "
         f"reference design, one trajectory with torch.optim.Adam, {single * 1e3:.0f} ms/step"
     )
     print(
-        f"  per trajectory-step: metacl (vmap) is {single / per_trajectory:.1f}x the reference "
+        f"  per trajectory-step: metacl ({sweep.engine_name}) is {single / per_trajectory:.1f}x the reference "
         f"({single * 1e3:.0f} / {per_trajectory * 1e3:.0f} ms)"
     )
     print(

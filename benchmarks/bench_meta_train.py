@@ -60,7 +60,7 @@ from metacl.meta.train.algorithms.episodic import EpisodeConfig
 from metacl.meta.train.episodes import Episode, EpisodeSampler
 from metacl.meta.train.functional import FunctionalModel, meta_loss, zap_rows
 from metacl.models import build_model, select_parameters
-from metacl.models.convnet import InstanceNorm
+from metacl.models.layers import InstanceNorm
 
 INNER_LR, OUTER_LR = EpisodeConfig.inner_lr, EpisodeConfig.outer_lr  # the defaults, used by both designs
 MODELS = {  # spec, image size, inner parameters (as the configs in configs/meta/)

@@ -8,7 +8,8 @@ from torch import nn
 
 from metacl.core.errors import ConfigError
 from metacl.models import build_model, load_model, model_spec, save_model, select_parameters
-from metacl.models.convnet import Conv2d, InstanceNorm, MaxPool2d, _InstanceNorm, _InstanceNormBackward, conv_block
+from metacl.models.convnet import conv_block
+from metacl.models.layers import Conv2d, InstanceNorm, MaxPool2d, _InstanceNorm, _InstanceNormBackward
 
 
 def count(model: nn.Module) -> int:

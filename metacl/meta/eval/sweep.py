@@ -3,8 +3,10 @@
 Where only head parameters learn, the encoder is frozen: its features are computed once per
 image and every trajectory trains on them. A single learning linear layer (ANML/OML last layer,
 zero-shot's least-squares head) runs on `linear_engine.LinearEngine` (stacked matrices, fused
-Adam), anything else on `vmap_engine.VmapEngine` (torch.func.vmap). Both follow the protocol's
-one schedule (`schedule.Schedule`) from the starting values of `reinit.Reinit`.
+Adam), anything else on `vmap_engine.VmapEngine` (torch.func.vmap), except an encoder that
+learns on CPU: `sequential_engine.SequentialEngine` steps its trajectories one by one, where
+metacl's batch-1 kernels apply. All follow the protocol's one schedule (`schedule.Schedule`)
+from the starting values of `reinit.Reinit`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .protocol import (
 )
 from .reinit import Reinit, layer_inputs, lstsq_layer
 from .schedule import KINDS, Schedule, no_accuracies
+from .sequential_engine import SequentialEngine
 from .trajectories import Trajectories
 from .vmap_engine import VmapEngine
 
@@ -42,6 +45,10 @@ FEATURE_BLOCK = 64
 
 class LRSweep:
     """Runs one protocol on one dataset split for a model, reusing frozen features across class counts."""
+
+    sequential_devices = ("cpu",)
+    """Devices on which a learning encoder's trajectories step one by one (`SequentialEngine`):
+    on CPU, metacl's batch-1 kernels beat vmap's batched ones (other devices are not measured)."""
 
     def __init__(
         self,
@@ -78,8 +85,13 @@ class LRSweep:
         self.frozen_encoder = not (set(self.trainable) & self._encoder_parameters())
         self.linear_head = self._linear_head()
         """(name, layer) of the one linear layer that learns (or, zero-shot, is fitted), else None."""
-        self.engine_name = "linear" if self.linear_head is not None else "vmap"
-        """Which engine trains the trajectories: linear (stacked fused Adam) or vmap."""
+        if self.linear_head is not None:
+            self.engine_name = "linear"
+        elif not self.frozen_encoder and self.device.type in self.sequential_devices:
+            self.engine_name = "sequential"
+        else:
+            self.engine_name = "vmap"
+        """Which engine trains the trajectories: linear (stacked fused Adam), vmap or sequential."""
         self.linear_step = FusedLinearStep(protocol.compile and self.device.type in ("cpu", "cuda"), log)
         """The linear engine's Adam step, compiled at its first use and kept for every class count."""
         self._features: torch.Tensor | None = None
@@ -172,7 +184,8 @@ class LRSweep:
             engine = LinearEngine(*self.linear_head, features, self.protocol, self.linear_step)
             return engine, engine.keys, lambda _layer, images: features[images]
         inputs = self.features(needed) if self.frozen_encoder else self.images
-        engine = VmapEngine(self.model, self.trainable, inputs, self.frozen_encoder, self.protocol)
+        kind = SequentialEngine if self.engine_name == "sequential" else VmapEngine
+        engine = kind(self.model, self.trainable, inputs, self.frozen_encoder, self.protocol)
         return (
             engine,
             self.trainable,

@@ -42,6 +42,7 @@ class VmapEngine:
         def loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(logits_of(params, x), y)
 
+        self.logits_of, self.loss_of = logits_of, loss
         self.grads_of = vmap(grad(loss))
         self.logits_many = vmap(logits_of)
         named = dict(model.named_parameters())
@@ -65,12 +66,12 @@ class VmapEngine:
         accuracies ((points, T, classes) per kind) and their final stacked parameters."""
         runs = trajectories.run.tolist()
         params = {n: torch.stack([starts[run][n] for run in runs]) for n in self.trainable}
-        optimiser = StackedAdam(params, trajectories.lr)
         images, labels = schedule.examples(tasks, trajectories, self.inputs.device)
         accuracies = no_accuracies(len(schedule.points), trajectories.count, tasks.classes)
+        learn = self.learner(params, trajectories.lr)
 
         def step(_carry: None, _k: int, columns: slice) -> None:
-            optimiser.step(self.grads_of(params, self.inputs[images[:, columns]], labels[:, columns]))
+            learn(self.inputs[images[:, columns]], labels[:, columns])
 
         def record(point: int) -> None:
             measured = schedule.measured[point]
@@ -80,13 +81,23 @@ class VmapEngine:
         schedule.drive(step, record, lambda seen: advance(trajectories.count * seen))
         return accuracies, params
 
+    def learner(
+        self, params: dict[str, torch.Tensor], lrs: torch.Tensor
+    ) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        """One step of every trajectory on its (inputs, labels) of the step, rows in trajectory
+        order: Adam on the stacked `params` in place, all trajectories' gradients under vmap."""
+        optimiser = StackedAdam(params, lrs)
+        return lambda inputs, labels: optimiser.step(self.grads_of(params, inputs, labels))
+
     def measure(
         self, params: dict[str, torch.Tensor], tasks: Tasks, trajectories: Trajectories
     ) -> dict[str, np.ndarray]:
         """Per-class accuracies ((T, classes) per kind) of the stacked `params` on their runs' images."""
-        return measure(
-            lambda x: self.logits_many(params, self.inputs[x]), tasks, trajectories, MEASURE_CHUNK, self.inputs.device
-        )
+        return measure(self.all_logits(params), tasks, trajectories, MEASURE_CHUNK, self.inputs.device)
+
+    def all_logits(self, params: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """(T, n) image indices -> (T, n, outputs) logits, trajectory t on its row, all under vmap."""
+        return lambda x: self.logits_many(params, self.inputs[x])
 
     def flatten(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """(T, parameters): each trajectory's learned parameters, concatenated in the model's order."""

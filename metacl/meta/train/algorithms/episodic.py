@@ -4,7 +4,6 @@ turns into the loss whose gradient the outer step follows (`outer_loss`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ....core.config import NonEmpty, NonNegative, NonNegativeFloat, Positive, PositiveFloat
+from ....core.optim import fused_adam
 from ....models import select_parameters
 from ..episodes import Episode, EpisodeSampler, SampleMethod
 from ..functional import FunctionalModel, InnerStats, zap_rows
@@ -53,18 +53,6 @@ class EpisodeConfig:
     """Clip the outer gradient to this norm (0: no clipping)."""
 
 
-def outer_adam(params: Sequence[torch.Tensor], lr: float) -> torch.optim.Adam:
-    """Adam with PyTorch's fused kernel where this torch has one for the parameters' device.
-
-    The same update as the default (multi-tensor) Adam, to float rounding, in one pass over each
-    parameter: on ANML's 6M parameters 1.8 ms a step instead of 7.2 here.
-    """
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except RuntimeError:  # no fused kernel for this device (CPU before torch 2.4)
-        return torch.optim.Adam(params, lr=lr)
-
-
 class EpisodicAlgorithm:
     """One episode per `step`: zap, the algorithm's outer loss, Adam on the outer parameters."""
 
@@ -85,7 +73,7 @@ class EpisodicAlgorithm:
         self.outer_names = list(select_parameters(model, config.outer_params))
         self.outer = [self.params[n] for n in self.outer_names]
         self.fmodel = FunctionalModel(model, self.inner_names)
-        self.optimizer = outer_adam(self.outer, config.outer_lr)
+        self.optimizer = fused_adam(self.outer, config.outer_lr)
         self.sampler = EpisodeSampler(
             pool,
             streams["sample"],
