@@ -50,6 +50,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from reference_layers import with_reference_layers
 
 from metacl.core.allocator import tune_malloc
 from metacl.core.denormals import denormals_flushed
@@ -60,7 +61,6 @@ from metacl.meta.train.algorithms.episodic import EpisodeConfig
 from metacl.meta.train.episodes import Episode, EpisodeSampler
 from metacl.meta.train.functional import FunctionalModel, meta_loss, zap_rows
 from metacl.models import build_model, select_parameters
-from metacl.models.layers import InstanceNorm
 
 INNER_LR, OUTER_LR = EpisodeConfig.inner_lr, EpisodeConfig.outer_lr  # the defaults, used by both designs
 MODELS = {  # spec, image size, inner parameters (as the configs in configs/meta/)
@@ -167,37 +167,6 @@ def checked_episode(model_name: str, device: str, threads: int | None) -> str:
     inner_names = list(select_parameters(model, MODELS[model_name][2]))
     episode = EpisodeSampler(images, torch.Generator().manual_seed(1)).sample()
     return check_equivalence(higher, model, inner_names, episode)
-
-
-def with_reference_layers(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model` built from higherANML's layers: every [metacl Conv2d; metacl InstanceNorm;
-    max-pool; ReLU] block becomes its [nn.Conv2d; nn.InstanceNorm2d(affine); ReLU; nn.MaxPool2d],
-    the same weights under the same names. The same function (the check line compares the two
-    designs), computed by the kernels the reference's users run."""
-    model = copy.deepcopy(model)
-    for block in [m for m in model.modules() if isinstance(m, torch.nn.Sequential)]:
-        layers = list(block)
-        if len(layers) < 3 or not isinstance(layers[1], InstanceNorm):
-            continue
-        conv = layers[0]
-        native = torch.nn.Conv2d(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            conv.bias is not None,
-            conv.padding_mode,
-        )
-        native.weight, native.bias = conv.weight, conv.bias
-        norm = torch.nn.InstanceNorm2d(layers[1].num_features, eps=layers[1].eps, affine=True)
-        norm.weight, norm.bias = layers[1].weight, layers[1].bias
-        pools = [torch.nn.MaxPool2d(m.kernel_size) for m in layers[2:] if isinstance(m, torch.nn.MaxPool2d)]
-        for index, layer in enumerate([native, norm, torch.nn.ReLU(), *pools]):
-            block[index] = layer
-    return model
 
 
 def setup(model_name: str, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:
