@@ -1,10 +1,11 @@
-"""metacl's CPU layers: the same functions as PyTorch's, through faster kernels for meta-learning.
+"""metacl's layers: the same functions as PyTorch's, through faster kernels for meta-learning.
 
 An inner loop learns from one image at a time and differentiates its own gradient
 (`create_graph`), where PyTorch's CPU kernels spend more on dispatch, layout and scalar loops
 than on arithmetic. Each layer here computes exactly its `torch.nn` namesake (the tests hold
 values and first and second derivatives equal) and takes PyTorch's own kernels wherever its
-faster path does not apply (other devices, other settings, torch.func transforms).
+faster path does not apply: the convolution and the max-pool on other devices than the CPU,
+settings they do not cover, and any torch.func transform.
 """
 
 from __future__ import annotations
