@@ -223,7 +223,7 @@ def reference_worker(connection, model_name: str, device: str, threads: int | No
 
 
 class ReferenceProcess:
-    """The parent's handle on a `reference_worker`: `episode()` runs one there and returns its time."""
+    """The parent's handle on a `reference_worker`: `episode()` runs one there and keeps its time."""
 
     def __init__(self, label: str, args: argparse.Namespace, device: torch.device, layers: str, tuned: bool):
         self.label, self.times = label, []
